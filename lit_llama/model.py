@@ -1,0 +1,243 @@
+"""The LLaMA model in one file.
+
+Pre-norm decoder (RMSNorm), rotary position embeddings, SwiGLU MLP, grouped-query attention
+through ``scaled_dot_product_attention`` (Flash kernels where the device has them), optional tied
+embeddings and a preallocated KV cache for generation. Names follow nanoGPT / the LLaMA paper.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    name: str = ""
+    block_size: int = 2048  # the longest context the model was trained for
+    vocab_size: int = 32000  # tokens the tokenizer knows
+    padding_multiple: int = 64  # the embedding is padded to this multiple: faster matmuls on GPUs
+    padded_vocab_size: Optional[int] = None
+    n_layer: int = 32
+    n_head: int = 32
+    n_embd: int = 4096
+    n_query_groups: Optional[int] = None  # key/value heads; < n_head is grouped-query attention
+    intermediate_size: Optional[int] = None  # MLP hidden size; None: LLaMA's formula below
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.padded_vocab_size is None:
+            m = self.padding_multiple
+            self.padded_vocab_size = m * math.ceil(self.vocab_size / m)
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.n_embd % self.n_head or self.n_head % self.n_query_groups:
+            raise ValueError(f"n_embd ({self.n_embd}), n_head ({self.n_head}) and n_query_groups "
+                             f"({self.n_query_groups}) must divide each other")
+        if self.intermediate_size is None:
+            # LLaMA: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to `multiple_of`
+            hidden = int(2 * 4 * self.n_embd / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Config":
+        if name not in configs:
+            raise ValueError(f"unknown model name {name!r}; known: {', '.join(configs)}")
+        return replace(configs[name], **overrides)
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+configs = {c.name: c for c in [
+    # LLaMA (Touvron et al. 2023), Table 2
+    Config("7B", n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
+    Config("13B", n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6),
+    Config("30B", n_layer=60, n_head=52, n_embd=6656, norm_eps=1e-6),
+    Config("65B", n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6),
+    # Llama 2: longer context; 70B has grouped-query attention with 8 key/value heads
+    Config("Llama-2-7b", block_size=4096, n_layer=32, n_head=32, n_embd=4096),
+    Config("Llama-2-13b", block_size=4096, n_layer=40, n_head=40, n_embd=5120),
+    Config("Llama-2-70b", block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
+           ffn_dim_multiplier=1.3, multiple_of=4096),
+    # SmolLM2: small LLaMA-architecture models with tied embeddings
+    Config("SmolLM2-135M", block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576,
+           n_query_groups=3, intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
+    Config("SmolLM2-360M", block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_embd=960,
+           n_query_groups=5, intermediate_size=2560, rope_base=100000.0, tie_embeddings=True),
+    # tiny models for tests and smoke runs
+    Config("tiny", block_size=256, vocab_size=500, n_layer=2, n_head=4, n_embd=64, intermediate_size=176),
+    Config("tiny-gqa", block_size=256, vocab_size=500, n_layer=2, n_head=4, n_embd=64, n_query_groups=2,
+           intermediate_size=176, tie_embeddings=True),
+]}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 like the reference."""
+
+    def __init__(self, size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(pos: torch.Tensor, head_size: int, base: float, dtype: torch.dtype):
+    """cos and sin of the rotary angles for positions `pos`, shape (len(pos), head_size).
+
+    Computed per call from the positions: no cache to build, move or resize, and cheap next to the
+    matmuls (one outer product)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=pos.device).float() / head_size))
+    freqs = pos.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # rotates the two halves of each head (the Hugging Face layout); Meta's and GGUF's
+    # interleaved-pair layout is permuted into this one by the converters
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, preallocated so decoding allocates nothing per token."""
+
+    def __init__(self, batch_size: int, n_groups: int, max_seq_length: int, head_size: int,
+                 device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        hs = config.head_size
+        # one fused matmul for queries, keys and values: rows are [q (n_head) | k (groups) | v (groups)]
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * hs, bias=False)
+        self.c_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        c = self.config
+        hs = c.head_size
+        q, k, v = self.c_attn(x).split([c.n_head * hs, c.n_query_groups * hs, c.n_query_groups * hs], dim=-1)
+        q = apply_rope(q.view(B, T, c.n_head, hs).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, c.n_query_groups, hs).transpose(1, 2), cos, sin)
+        v = v.view(B, T, c.n_query_groups, hs).transpose(1, 2)
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = self.attend(q, k, v, mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, c.n_head * hs))
+
+    def attend(self, q, k, v, mask):
+        # with no mask the attention is plainly causal, which lets SDPA pick Flash kernels
+        gqa = self.config.n_query_groups != self.config.n_head
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): c_proj(silu(c_fc1 x) * c_fc2 x); Meta's w1, w3, w2."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.c_fc1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.c_fc2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.c_fc1(x)) * self.c_fc2(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.rms_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.rms_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        x = x + self.attn(self.rms_1(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.rms_2(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        # tied embeddings reuse wte in forward: one tensor, one key in the state dict
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for token ids `idx` (B, T). With `input_pos` (T,), the positions of `idx`, the KV
+        cache is read and filled; without it, a plain causal forward pass (training)."""
+        T = idx.size(1)
+        c = self.config
+        if input_pos is None:
+            if T > c.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the context ({c.block_size})")
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:
+            pos = input_pos
+            kv_len = self.transformer.h[0].attn.kv_cache.k.size(2)
+            mask = pos[:, None] >= torch.arange(kv_len, device=idx.device)[None, :]
+        x = self.transformer.wte(idx)
+        cos, sin = rope_cos_sin(pos, c.head_size, c.rope_base, x.dtype)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, mask, input_pos)
+        x = self.transformer.ln_f(x)
+        logits = F.linear(x, self.transformer.wte.weight) if self.lm_head is None else self.lm_head(x)
+        return logits[..., : c.vocab_size]  # the padding rows are never a valid token
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
+        max_seq_length = max_seq_length or self.config.block_size
+        if device is None or dtype is None:
+            w = self.transformer.wte.weight
+            device, dtype = device or w.device, dtype or w.dtype
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_seq_length,
+                                          self.config.head_size, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None

@@ -1,0 +1,74 @@
+"""Small shared helpers: the user-facing error type, the CLI runner, atomic output directories."""
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, never as a traceback."""
+
+
+def run_cli(main: Callable, **kwargs) -> None:
+    """Run `main` through jsonargparse; a UserError becomes one line on stderr and exit code 1."""
+    from jsonargparse import CLI
+
+    try:
+        CLI(main, as_positional=False, **kwargs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `out_dir` that becomes `out_dir` only when the block
+    succeeds; on any error it is removed, so no half-written output is ever left behind."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _make_readable(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _make_readable(tmp: Path) -> None:
+    # mkdtemp and some writers create private (0700/0600) entries; give the usual umask modes
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for f in tmp.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`, renamed onto `path` when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

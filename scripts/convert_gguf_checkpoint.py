@@ -1,0 +1,26 @@
+"""Convert a GGUF file (llama.cpp, `llama` architecture) into a lit_llama checkpoint directory."""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_llama.convert_gguf import convert_gguf_checkpoint
+from lit_llama.utils import run_cli
+
+
+def main(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None) -> None:
+    """Dequantize a GGUF model and write its weights, config and tokenizer as a checkpoint directory.
+
+    Args:
+        gguf_path: the .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_x or K-quant tensors).
+        output_dir: the checkpoint directory to write; it appears only once complete.
+        dtype: float32, float16 or bfloat16 for the stored weights; default: the file's own
+            precision for F16/BF16 files, float32 for quantized ones.
+    """
+    convert_gguf_checkpoint(gguf_path, output_dir, dtype)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,26 @@
+"""Convert a Hugging Face LLaMA-architecture model folder to a checkpoint dir."""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+# run from a fresh clone without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_llama.convert import convert_hf_checkpoint  # noqa: E402
+from lit_llama.utils import run_cli  # noqa: E402
+
+
+def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) -> None:
+    """Convert a Hugging Face model folder (config.json, safetensors or .bin weights, tokenizer).
+
+    Args:
+        checkpoint_dir: the Hugging Face folder, e.g. from `huggingface-cli download`.
+        output_dir: the checkpoint directory to create (lit_config.json, weights, tokenizer).
+        dtype: float32, float16 or bfloat16; by default the dtype of the files.
+    """
+    convert_hf_checkpoint(checkpoint_dir, output_dir, dtype=dtype)
+
+
+if __name__ == "__main__":
+    run_cli(main)
