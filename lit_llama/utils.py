@@ -72,3 +72,25 @@ def atomic_file(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+PRECISIONS = ("32-true", "bf16-true", "16-true", "64-true", "bf16-mixed", "16-mixed", "32", "16", "bf16", "64")
+
+
+def default_precision() -> str:
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (which has no fast half math)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
+    return "32-true"
+
+
+def make_fabric(precision: str = None, devices=1, **kwargs):
+    """A Lightning Fabric with `precision` checked first, so a typo is one clear line."""
+    import lightning as L
+
+    precision = precision or default_precision()
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS[:6])}")
+    return L.Fabric(devices=devices, precision=precision, **kwargs)

@@ -1,0 +1,31 @@
+# Set-up and entry points. `make generate` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The pinned torch is installed before the package: on a CPU-only machine whose pip finds the CPU
+# wheel (this project's dev machines), that wheel; on a GPU machine the same pin from PyPI is the
+# default CUDA build. Override with `make TORCH=torch==2.x.y` or install torch yourself first.
+TORCH ?= torch==2.13.0
+
+.PHONY: install model generate test clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(BIN)/python scripts/prepare_default_model.py
+
+generate: model
+	$(BIN)/python generate.py --prompt "What is the capital of France?" --chat true --temperature 0
+
+test: install
+	$(BIN)/python -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) checkpoints

@@ -1,0 +1,84 @@
+"""Generate text with a LLaMA-family checkpoint: `python generate.py --prompt "Hello"`."""
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+
+from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.generation import (check_sampling_args, compile_decode_step, decode_step, generate,
+                                  load_for_inference, stream_text)
+from lit_llama.utils import run_cli
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def main(
+    prompt: str = "Hello, my name is",
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    chat: bool = False,
+    num_samples: int = 1,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: float = 1.0,
+    seed: int = 1234,
+    precision: Optional[str] = None,
+    compile: bool = False,
+) -> None:
+    """Generate a completion of a prompt, streamed to stdout; speed and memory go to stderr.
+
+    Args:
+        prompt: the text to complete.
+        checkpoint_dir: a checkpoint directory (weights, lit_config.json, tokenizer); the default
+            is the embedded SmolLM2-135M-Instruct model (`make model` creates it).
+        chat: wrap the prompt as a user message in the checkpoint's chat template.
+        num_samples: how many completions to generate, one after another.
+        max_new_tokens: the most tokens to generate per sample (generation also stops at EOS).
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_k: sample only among the k most likely tokens (none: all).
+        top_p: sample only among the most likely tokens whose probabilities sum to top_p.
+        seed: random seed for sampling.
+        precision: a Lightning Fabric precision such as 32-true, bf16-true, 16-true; default
+            bf16-true on GPUs that support it, 16-true on other GPUs, 32-true on CPU.
+        compile: compile the decode step with torch.compile (slow first token, faster after).
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision)
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    encoded = tokenizer.encode(prompt).to(fabric.device)
+    step = compile_decode_step(fabric.device) if compile else decode_step
+    fabric.seed_everything(seed, verbose=False)
+    for _ in range(num_samples):
+        t0 = time.perf_counter()
+        n = 0
+
+        def counted(tokens):
+            nonlocal n
+            for t in tokens:
+                n += 1
+                yield t
+
+        tokens = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          stop_ids=tokenizer.stop_ids, step=step)
+        for piece in stream_text(tokenizer.decode, counted(tokens)):
+            print(piece, end="", flush=True)
+        print(flush=True)
+        dt = time.perf_counter() - t0
+        print(f"Time for inference: {dt:.2f} s, {n} tokens, {n / dt:.2f} tokens/s", file=sys.stderr)
+    print(f"Peak memory: {peak_memory_gb(fabric.device):.2f} GB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

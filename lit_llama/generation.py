@@ -1,0 +1,110 @@
+"""Autoregressive generation: prefill, then one token at a time through the KV cache."""
+
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from lit_llama.model import LLaMA
+from lit_llama.utils import UserError
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # nucleus: keep the most likely tokens until their probability sums to top_p (always >= 1)
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    # exponential race instead of torch.multinomial: same distribution, no host-device sync
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top_k must be at least 1, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+
+
+def decode_step(model: LLaMA, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    return model(x, input_pos)[:, -1]
+
+
+def compile_decode_step(device: torch.device) -> Callable:
+    # one graph for every position: input_pos is a tensor, the KV cache has a fixed size
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+def prepare_cache(model: LLaMA, length: int, batch_size: int = 1) -> None:
+    """Give every layer a KV cache of at least `length` positions (rounded up so that small changes
+    in prompt length reuse the cache and the compiled graph)."""
+    length = min(model.config.block_size, 256 * -(-length // 256))
+    cache = model.transformer.h[0].attn.kv_cache
+    if cache is None or cache.k.size(2) < length or cache.k.size(0) != batch_size:
+        model.set_kv_cache(batch_size, length)
+
+
+@torch.inference_mode()
+def generate(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+             step: Callable = decode_step) -> Iterator[int]:
+    """Yield up to `max_new_tokens` token ids after `prompt` (1-D), stopping after a stop id (not
+    yielded) or at the end of the context. `step` is `decode_step`, possibly compiled."""
+    T = prompt.numel()
+    if T >= model.config.block_size:
+        raise UserError(f"the prompt has {T} tokens; the model's context is {model.config.block_size}")
+    max_new_tokens = min(max_new_tokens, model.config.block_size - T)
+    prepare_cache(model, T + max_new_tokens)
+    device = prompt.device
+    logits = model(prompt[None], torch.arange(T, device=device))[:, -1]
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p)
+        t = int(token.item())
+        if t in stop_ids:
+            return
+        yield t
+        if i + 1 < max_new_tokens:
+            logits = step(model, token.view(1, 1), torch.tensor([T + i], device=device))
+
+
+def stream_text(decode: Callable[[list], str], tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive. Decoding the whole sequence and emitting the new suffix keeps
+    SentencePiece spaces and multi-byte characters right (a lone piece of one decodes to U+FFFD)."""
+    ids, emitted = [], ""
+    for t in tokens:
+        ids.append(t)
+        text = decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[len(emitted):]
+        emitted = text
+    text = decode(ids)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def load_for_inference(checkpoint_dir, precision: Optional[str] = None):
+    """(fabric, model, tokenizer) for a checkpoint directory, the model on Fabric's device in
+    eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin."""
+    from lit_llama.checkpoint import load_model
+    from lit_llama.tokenizer import Tokenizer
+    from lit_llama.utils import make_fabric
+
+    fabric = make_fabric(precision)
+    model = load_model(checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = fabric.setup_module(model.eval())
+    return fabric, model, tokenizer
