@@ -6,7 +6,7 @@ embeddings and a preallocated KV cache for generation. Names follow nanoGPT / th
 """
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -56,32 +56,33 @@ class Config:
     def from_name(cls, name: str, **overrides) -> "Config":
         if name not in configs:
             raise ValueError(f"unknown model name {name!r}; known: {', '.join(configs)}")
-        return replace(configs[name], **overrides)
+        return cls(**{**configs[name], **overrides})
 
     def asdict(self) -> dict:
         return asdict(self)
 
 
-configs = {c.name: c for c in [
+# the registry keeps only what is given, so that from_name's overrides re-derive the rest
+configs = {c["name"]: c for c in [
     # LLaMA (Touvron et al. 2023), Table 2
-    Config("7B", n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
-    Config("13B", n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6),
-    Config("30B", n_layer=60, n_head=52, n_embd=6656, norm_eps=1e-6),
-    Config("65B", n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6),
+    dict(name="7B", n_layer=32, n_head=32, n_embd=4096, norm_eps=1e-6),
+    dict(name="13B", n_layer=40, n_head=40, n_embd=5120, norm_eps=1e-6),
+    dict(name="30B", n_layer=60, n_head=52, n_embd=6656, norm_eps=1e-6),
+    dict(name="65B", n_layer=80, n_head=64, n_embd=8192, norm_eps=1e-6),
     # Llama 2: longer context; 70B has grouped-query attention with 8 key/value heads
-    Config("Llama-2-7b", block_size=4096, n_layer=32, n_head=32, n_embd=4096),
-    Config("Llama-2-13b", block_size=4096, n_layer=40, n_head=40, n_embd=5120),
-    Config("Llama-2-70b", block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
-           ffn_dim_multiplier=1.3, multiple_of=4096),
+    dict(name="Llama-2-7b", block_size=4096, n_layer=32, n_head=32, n_embd=4096),
+    dict(name="Llama-2-13b", block_size=4096, n_layer=40, n_head=40, n_embd=5120),
+    dict(name="Llama-2-70b", block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
+         ffn_dim_multiplier=1.3, multiple_of=4096),
     # SmolLM2: small LLaMA-architecture models with tied embeddings
-    Config("SmolLM2-135M", block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576,
-           n_query_groups=3, intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
-    Config("SmolLM2-360M", block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_embd=960,
-           n_query_groups=5, intermediate_size=2560, rope_base=100000.0, tie_embeddings=True),
+    dict(name="SmolLM2-135M", block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576,
+         n_query_groups=3, intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
+    dict(name="SmolLM2-360M", block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_embd=960,
+         n_query_groups=5, intermediate_size=2560, rope_base=100000.0, tie_embeddings=True),
     # tiny models for tests and smoke runs
-    Config("tiny", block_size=256, vocab_size=500, n_layer=2, n_head=4, n_embd=64, intermediate_size=176),
-    Config("tiny-gqa", block_size=256, vocab_size=500, n_layer=2, n_head=4, n_embd=64, n_query_groups=2,
-           intermediate_size=176, tie_embeddings=True),
+    dict(name="tiny", block_size=256, vocab_size=500, n_layer=2, n_head=4, n_embd=64, intermediate_size=176),
+    dict(name="tiny-gqa", block_size=256, vocab_size=500, n_layer=2, n_head=4, n_embd=64, n_query_groups=2,
+         intermediate_size=176, tie_embeddings=True),
 ]}
 
 
