@@ -200,12 +200,16 @@ def torch_load(path: Path) -> Dict[str, torch.Tensor]:
     """A PyTorch pickle, memory-mapped, with `weights_only=True`: a file whose pickle would run
     code is refused instead of executed."""
     import pickle
+    import warnings
     import zipfile
 
     # mmap needs torch.save's zip format; older (legacy tar/pickle) files are read whole
     mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before it refuses or loads: noise next to our message
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message opens with advice to retry with weights_only=False; show the reason instead
         reasons = [l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported" in l]

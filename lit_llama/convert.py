@@ -46,9 +46,26 @@ def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, hd // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
+def source_shapes(config: Config) -> Dict[str, Tuple[int, ...]]:
+    """The shape each role's source tensor must have under `config`."""
+    e, i, hs = config.n_embd, config.intermediate_size, config.head_size
+    q, kv = config.n_head * hs, config.n_query_groups * hs
+    return {"q": (q, e), "k": (kv, e), "v": (kv, e), "o": (e, q), "gate": (i, e), "up": (i, e),
+            "down": (e, i), "attn_norm": (e,), "ffn_norm": (e,), "ln_f": (e,)}
+
+
+def check_shape(name: str, w: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    # a config that disagrees with the weights would otherwise fail deep in a view/cat with a
+    # traceback, or write a checkpoint that only fails when loaded
+    if tuple(w.shape) != tuple(shape):
+        raise UserError(f"tensor {name!r} has shape {tuple(w.shape)}, the model config needs {tuple(shape)}")
+    return w
+
+
 def pad_vocab(w: torch.Tensor, config: Config) -> torch.Tensor:
-    if w.size(0) > config.padded_vocab_size:
-        raise UserError(f"embedding has {w.size(0)} rows, more than the padded vocabulary {config.padded_vocab_size}")
+    if w.dim() != 2 or w.size(1) != config.n_embd or not config.vocab_size <= w.size(0) <= config.padded_vocab_size:
+        raise UserError(f"embedding/output of shape {tuple(w.shape)} does not fit vocab_size {config.vocab_size} "
+                        f"and n_embd {config.n_embd}")
     if w.size(0) == config.padded_vocab_size:
         return w
     return torch.cat([w, w.new_zeros(config.padded_vocab_size - w.size(0), w.size(1))])
@@ -58,9 +75,10 @@ def lit_tensors(config: Config, get: Callable[[str], torch.Tensor], names: Dict[
                 interleaved_rope: bool, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (name, tensor) of our state dict from a source's `get(name)`, one tensor at a time."""
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    shapes = source_shapes(config)
     yield "transformer.wte.weight", cast(pad_vocab(get(names["wte"]), config))
     for i in range(config.n_layer):
-        w = {r: get(names[r].format(i=i)) for r in ROLES}
+        w = {r: check_shape(names[r].format(i=i), get(names[r].format(i=i)), shapes[r]) for r in ROLES}
         if interleaved_rope:
             w["q"] = interleaved_to_halves(w["q"], config.n_head)
             w["k"] = interleaved_to_halves(w["k"], config.n_query_groups)
@@ -72,7 +90,7 @@ def lit_tensors(config: Config, get: Callable[[str], torch.Tensor], names: Dict[
         yield p + "mlp.c_fc1.weight", cast(w["gate"])
         yield p + "mlp.c_fc2.weight", cast(w["up"])
         yield p + "mlp.c_proj.weight", cast(w["down"])
-    yield "transformer.ln_f.weight", cast(get(names["ln_f"]))
+    yield "transformer.ln_f.weight", cast(check_shape(names["ln_f"], get(names["ln_f"]), shapes["ln_f"]))
     if not config.tie_embeddings:
         yield "lm_head.weight", cast(pad_vocab(get(names["lm_head"]), config))
 
@@ -114,13 +132,20 @@ def hf_config(checkpoint_dir: Path, name: str = "") -> Config:
     path = checkpoint_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{checkpoint_dir} has no config.json: not a Hugging Face model folder")
-    c = json.loads(path.read_text())
+    try:
+        c = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})")
     if c.get("model_type", "llama") not in ("llama", "mistral"):
         raise UserError(f"{path}: model_type {c.get('model_type')!r} is not supported, only llama")
     if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         raise UserError(f"{path}: rope scaling is not supported")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise UserError(f"{path}: linear biases are not supported")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                           "intermediate_size") if k not in c]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a LLaMA config")
     n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
     if c.get("head_dim") not in (None, n_embd // n_head):
         raise UserError(f"{path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
@@ -155,7 +180,10 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optiona
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"{checkpoint_dir} is not a directory")
-    config = hf_config(checkpoint_dir)
+    try:
+        config = hf_config(checkpoint_dir)
+    except ValueError as e:  # Config's own consistency checks (heads dividing the width, ...)
+        raise UserError(f"{checkpoint_dir / 'config.json'}: {e}")
     if not any((checkpoint_dir / t).is_file() for t in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"{checkpoint_dir} has no tokenizer.json or tokenizer.model")
     weights = hf_weights(checkpoint_dir)
@@ -210,8 +238,16 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
     if vocab_size <= 0:
         import sentencepiece as spm
 
-        vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-    config = meta_config(params, vocab_size, checkpoint_dir.name, block_size)
+        try:
+            vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"{tokenizer} is not a valid sentencepiece model ({str(e).strip()[:200]})")
+    try:
+        config = meta_config(params, vocab_size, checkpoint_dir.name, block_size)
+    except KeyError as e:
+        raise UserError(f"{params_path} lacks the entry {e}")
+    except ValueError as e:  # Config's own consistency checks (heads dividing the width, ...)
+        raise UserError(f"{params_path}: {e}")
     parts = [torch_load(s) for s in shards]
 
     def get(name):
