@@ -241,3 +241,36 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+
+
+# ---------------------------------------------------------------- small weight files (LoRA, adapters)
+
+
+def save_weights_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
+    """A safetensors file of a few tensors plus a JSON `metadata` dict (e.g. the LoRA config),
+    written atomically."""
+    from safetensors.torch import save_file
+
+    from lit_llama.utils import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"lit_llama": json.dumps(metadata)})
+
+
+def load_weights_file(path: Path, default_name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file written by save_weights_file; `path` may be the file or the
+    folder that holds `default_name`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    tensors = load_safetensors(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    try:
+        return tensors, json.loads(meta.get("lit_llama", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has corrupted metadata")
