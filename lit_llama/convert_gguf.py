@@ -57,17 +57,24 @@ def gguf_config(meta: Dict[str, Any], has_output: bool, name: str) -> Config:
     g = lambda k, default=None: meta.get(f"llama.{k}", default)
     if g("rope.scaling.type", "none") not in ("none", None):
         raise UserError(f"GGUF rope scaling {g('rope.scaling.type')!r} is not supported")
+    required = ("block_count", "embedding_length", "attention.head_count")
+    missing = [f"llama.{k}" for k in required if not isinstance(g(k), int) or g(k) < 1]
+    if missing:
+        raise UserError(f"GGUF metadata lacks {', '.join(missing)}: incomplete or not a LLaMA model")
     n_embd, n_head = g("embedding_length"), g("attention.head_count")
     if g("rope.dimension_count", n_embd // n_head) != n_embd // n_head:
         raise UserError("GGUF with partial rotary embeddings is not supported")
     eps = float(f"{g('attention.layer_norm_rms_epsilon', 1e-5):.6g}")  # stored as float32: 1e-5 -> 9.99e-6
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    return Config(
-        name=name, block_size=g("context_length", 2048), vocab_size=g("vocab_size") or len(tokens),
-        n_layer=g("block_count"), n_head=n_head, n_embd=n_embd,
-        n_query_groups=g("attention.head_count_kv") or n_head, intermediate_size=g("feed_forward_length"),
-        rope_base=float(g("rope.freq_base", 10000.0)), norm_eps=eps, tie_embeddings=not has_output,
-    )
+    try:
+        return Config(
+            name=name, block_size=g("context_length", 2048), vocab_size=g("vocab_size") or len(tokens),
+            n_layer=g("block_count"), n_head=n_head, n_embd=n_embd,
+            n_query_groups=g("attention.head_count_kv") or n_head, intermediate_size=g("feed_forward_length"),
+            rope_base=float(g("rope.freq_base", 10000.0)), norm_eps=eps, tie_embeddings=not has_output,
+        )
+    except ValueError as e:  # Config's own consistency checks (heads dividing the width, ...)
+        raise UserError(f"GGUF metadata: {e}")
 
 
 def dequantize(tensor) -> torch.Tensor:

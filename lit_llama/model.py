@@ -227,8 +227,9 @@ class LLaMA(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
         x = self.transformer.ln_f(x)
-        logits = F.linear(x, self.transformer.wte.weight) if self.lm_head is None else self.lm_head(x)
-        return logits[..., : c.vocab_size]  # the padding rows are never a valid token
+        # the padding rows are never a valid token: skip them (and return a fresh tensor, not a view)
+        head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head[: c.vocab_size])
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
         max_seq_length = max_seq_length or self.config.block_size

@@ -19,7 +19,9 @@ def run_cli(main: Callable, **kwargs) -> None:
 
     try:
         CLI(main, as_positional=False, **kwargs)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        # OSError: files the user named that cannot be read or written (missing, permissions, a file
+        # where a folder should be): their message names the path
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
