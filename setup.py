@@ -17,6 +17,7 @@ setup(
         "tokenizers>=0.15",
         "safetensors>=0.4",
         "gguf>=0.10",
+        "bitsandbytes>=0.50",  # QLoRA's 4-bit layers; 0.50 has CPU kernels too
         "numpy",
         "tqdm",
         "jinja2",
@@ -24,6 +25,6 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "accelerate"],
+        "test": ["pytest", "transformers>=4.45", "accelerate", "peft"],
     },
 )

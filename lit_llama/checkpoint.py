@@ -219,15 +219,15 @@ def torch_load(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupted ({str(e).splitlines()[0][:200]})")
 
 
-def save_checkpoint(out_dir: Path, model: LLaMA, tokenizer_dir: Optional[Path] = None) -> None:
-    """Write `model` as a checkpoint directory (atomically), copying the tokenizer files."""
-    import shutil
-
+def save_checkpoint(out_dir: Path, model: LLaMA, tokenizer_dir: Optional[Path] = None,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write `model` (or `state_dict` for model's config) as a checkpoint directory, atomically,
+    copying the tokenizer files."""
     from lit_llama.utils import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
         writer = ShardedWriter(tmp)
-        for name, tensor in model.state_dict().items():
+        for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
             writer.add(name, tensor)
         writer.close()
         write_config(tmp, model.config)
@@ -274,3 +274,21 @@ def load_weights_file(path: Path, default_name: str) -> Tuple[Dict[str, torch.Te
         return tensors, json.loads(meta.get("lit_llama", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} has corrupted metadata")
+
+
+def load_finetuned_weights(model: LLaMA, path: Path) -> LLaMA:
+    """Replace `model`'s weights with a finetuned checkpoint of the same architecture: a checkpoint
+    directory, finetune/full.py's out_dir (its `final` folder), or a weights file."""
+    path = Path(path)
+    if (path / "final").is_dir():
+        path = path / "final"
+    if path.is_dir():
+        validate_checkpoint_dir(path)
+        state_dict = load_state_dict(path)
+    elif path.is_file():
+        state_dict = load_safetensors(path)
+    else:
+        raise CheckpointError(f"{path} does not exist")
+    check_state_dict(model, state_dict, path)
+    model.load_state_dict(state_dict, assign=True)
+    return model

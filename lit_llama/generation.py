@@ -96,15 +96,68 @@ def stream_text(decode: Callable[[list], str], tokens: Iterable[int]) -> Iterato
         yield text[len(emitted):]
 
 
-def load_for_inference(checkpoint_dir, precision: Optional[str] = None):
+def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Optional[Callable] = None):
     """(fabric, model, tokenizer) for a checkpoint directory, the model on Fabric's device in
-    eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin."""
+    eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin.
+    `wrap(model)` may add finetuned weights (LoRA, adapters) first."""
     from lit_llama.checkpoint import load_model
     from lit_llama.tokenizer import Tokenizer
     from lit_llama.utils import make_fabric
 
     fabric = make_fabric(precision)
     model = load_model(checkpoint_dir)
+    if wrap is not None:
+        model = wrap(model)
     tokenizer = Tokenizer(checkpoint_dir)
     model = fabric.setup_module(model.eval())
     return fabric, model, tokenizer
+
+
+def print_completion(model: LLaMA, tokenizer, prompt: str, device, max_new_tokens: int, *, temperature: float = 0.0,
+                     top_k: Optional[int] = None, top_p: float = 1.0, step: Callable = decode_step) -> str:
+    """Generate after `prompt`, streaming the text to stdout and the speed to stderr; returns the text."""
+    import sys
+    import time
+
+    encoded = tokenizer.encode(prompt).to(device)
+    t0, pieces, n = time.perf_counter(), [], 0
+    tokens = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      stop_ids=tokenizer.stop_ids, step=step)
+
+    def counted(tokens):
+        nonlocal n
+        for t in tokens:
+            n += 1
+            yield t
+
+    for piece in stream_text(tokenizer.decode, counted(tokens)):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print(flush=True)
+    dt = time.perf_counter() - t0
+    print(f"Time for inference: {dt:.2f} s, {n} tokens, {n / dt:.2f} tokens/s", file=sys.stderr)
+    return "".join(pieces)
+
+
+def peak_memory_gb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def answer_instruction(checkpoint_dir, instruction: str, input: str = "", wrap: Optional[Callable] = None, *,
+                       max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = 200,
+                       top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
+                       compile: bool = False) -> str:
+    """What the generate/ scripts do: wrap the instruction in the finetuning template and stream
+    the model's response to stdout."""
+    from lit_llama.prompts import instruction_prompt
+
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, wrap)
+    fabric.seed_everything(seed, verbose=False)
+    step = compile_decode_step(fabric.device) if compile else decode_step
+    return print_completion(model, tokenizer, instruction_prompt(instruction, input), fabric.device,
+                            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, step=step)

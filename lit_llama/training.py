@@ -87,12 +87,28 @@ def last_checkpoint(out_dir: Path) -> Path:
 
 def trainable_filter(model: torch.nn.Module) -> Callable[[str, object], bool]:
     """A filter for Fabric's save that keeps only trainable weights (adapters, LoRA)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    # names as in the saved state dict: of the module inside Fabric's wrapper
+    names = {n for n, p in getattr(model, "module", model).named_parameters() if p.requires_grad}
     return lambda key, _: key in names
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Optional[dict]) -> None:
+    if state:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_training_state(fabric, out_dir: Path, state: dict, trainable_only: bool) -> Path:
     path = checkpoint_path(out_dir, state["step"])
+    state["rng"] = rng_state()  # dropout draws continue exactly where they stopped
     filt = {"model": trainable_filter(state["model"])} if trainable_only else None
     tmp = path.with_name(path.name + ".tmp")
     fabric.save(tmp, state, filter=filt)
@@ -113,7 +129,8 @@ def fit(fabric, model, optimizer, train_batches: Batches, val_batches: Optional[
     state = {"model": model, "optimizer": optimizer, "step": 0, "args": asdict(args)}
     if resume:
         path = last_checkpoint(out_dir)
-        fabric.load(path, state, strict=not trainable_only, weights_only=True)
+        rest = fabric.load(path, state, strict=not trainable_only, weights_only=True)  # keys not in `state`
+        set_rng_state(rest.get("rng"))
         fabric.print(f"resumed from {path} at step {state['step']}")
     model.train()
     t_start, tokens, start_step = time.perf_counter(), 0, state["step"]

@@ -51,10 +51,15 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def _make_readable(tmp: Path) -> None:
-    # mkdtemp and some writers create private (0700/0600) entries; give the usual umask modes
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _make_readable(tmp: Path) -> None:
+    # mkdtemp and some writers create private (0700/0600) entries; give the usual umask modes
+    umask = _umask()
     tmp.chmod(0o777 & ~umask)
     for f in tmp.iterdir():
         if f.is_file():
@@ -70,6 +75,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

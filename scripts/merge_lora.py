@@ -1,0 +1,34 @@
+"""Merge a LoRA into its base model and write an ordinary checkpoint directory."""
+
+import sys
+from pathlib import Path
+
+# run from a fresh clone without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_llama.checkpoint import load_model, save_checkpoint  # noqa: E402
+from lit_llama.lora import load_lora, merge_lora  # noqa: E402
+from lit_llama.utils import run_cli  # noqa: E402
+
+
+def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
+    """Fold the LoRA weights into the base weights (W + alpha/r * B A); the result loads and runs
+    like any checkpoint, with no LoRA code and no extra cost per token.
+
+    Args:
+        checkpoint_dir: the base model's checkpoint directory, the one the LoRA was trained on.
+        lora_path: the LoRA file (lit_lora.safetensors) or the folder that holds it.
+        output_dir: the checkpoint directory to create (weights, config, the base's tokenizer).
+    """
+    import torch
+
+    model = load_model(checkpoint_dir)
+    load_lora(model, lora_path)
+    with torch.no_grad():
+        merge_lora(model)
+    save_checkpoint(output_dir, model, tokenizer_dir=checkpoint_dir)
+    print(f"wrote {output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
