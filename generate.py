@@ -1,26 +1,15 @@
 """Generate text with a LLaMA-family checkpoint: `python generate.py --prompt "Hello"`."""
 
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
-
 from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.generation import (check_sampling_args, compile_decode_step, decode_step, generate,
-                                  load_for_inference, stream_text)
+from lit_llama.generation import (check_sampling_args, compile_decode_step, decode_step, load_for_inference,
+                                  peak_memory_gb, print_completion)
 from lit_llama.utils import run_cli
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 def main(
@@ -35,6 +24,7 @@ def main(
     seed: int = 1234,
     precision: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
 ) -> None:
     """Generate a completion of a prompt, streamed to stdout; speed and memory go to stderr.
 
@@ -52,31 +42,18 @@ def main(
         precision: a Lightning Fabric precision such as 32-true, bf16-true, 16-true; default
             bf16-true on GPUs that support it, 16-true on other GPUs, 32-true on CPU.
         compile: compile the decode step with torch.compile (slow first token, faster after).
+        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
+            gptq.int3 for a checkpoint written by quantize/gptq.py.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, quantize=quantize)
     if chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    encoded = tokenizer.encode(prompt).to(fabric.device)
     step = compile_decode_step(fabric.device) if compile else decode_step
     fabric.seed_everything(seed, verbose=False)
     for _ in range(num_samples):
-        t0 = time.perf_counter()
-        n = 0
-
-        def counted(tokens):
-            nonlocal n
-            for t in tokens:
-                n += 1
-                yield t
-
-        tokens = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          stop_ids=tokenizer.stop_ids, step=step)
-        for piece in stream_text(tokenizer.decode, counted(tokens)):
-            print(piece, end="", flush=True)
-        print(flush=True)
-        dt = time.perf_counter() - t0
-        print(f"Time for inference: {dt:.2f} s, {n} tokens, {n / dt:.2f} tokens/s", file=sys.stderr)
+        print_completion(model, tokenizer, prompt, fabric.device, max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, step=step)
     print(f"Peak memory: {peak_memory_gb(fabric.device):.2f} GB", file=sys.stderr)
 
 

@@ -23,8 +23,18 @@ setup(
         "jinja2",
         "protobuf",
         "huggingface_hub",
+        "tensorboard",  # pretraining's TensorBoard logs (through Fabric's logger)
+        "fastapi>=0.110",  # serve.py: the OpenAI-compatible HTTP API
+        "uvicorn>=0.29",
     ],
+    # serve.py's web chat page
+    package_data={"lit_llama": ["static/*.html"]},
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "accelerate", "peft"],
+        # openai: the official client against serve.py; fschat: FastChat's conversation templates, the
+        # reference for the built-in chat templates; websocket-client: drives headless Chromium (test_web.py)
+        "test": ["pytest", "transformers>=4.45", "accelerate", "peft", "openai>=1.0", "fschat==0.2.36",
+                 "websocket-client"],
+        # evaluate/harness.py (EleutherAI's lm-eval) and the standard perplexity sets of evaluate/*.py
+        "eval": ["lm_eval>=0.4", "datasets"],
     },
 )

@@ -24,6 +24,7 @@ def main(
     seed: int = 1234,
     precision: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
 ) -> None:
     """Generate a response to an instruction, in the Alpaca template used for finetuning.
 
@@ -39,10 +40,12 @@ def main(
         seed: random seed for sampling.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
         compile: compile the decode step with torch.compile.
+        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
+            gptq.int3 for a checkpoint written by quantize/gptq.py.
     """
     answer_instruction(checkpoint_dir, prompt, input, lambda model: load_adapter_v2(model, adapter_path),
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, precision=precision, compile=compile)
+                       seed=seed, precision=precision, compile=compile, quantize=quantize)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR, load_finetuned_weights
-from lit_llama.generation import answer_instruction
+from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.generation import answer_instruction, finetuned_source
 from lit_llama.utils import run_cli
 
 
@@ -23,6 +23,7 @@ def main(
     seed: int = 1234,
     precision: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
 ) -> None:
     """Generate a response to an instruction, in the Alpaca template used for finetuning.
 
@@ -30,7 +31,8 @@ def main(
         prompt: the instruction.
         input: optional context for the instruction (the template's "Input" section).
         checkpoint_dir: the base model that was finetuned (its config and tokenizer).
-        finetuned_path: finetune/full.py's --out_dir, its final/ checkpoint directory, or a weights file.
+        finetuned_path: finetune/full.py's --out_dir, its final/ checkpoint directory, or a weights file;
+            with gptq.* the finetuned model quantized by quantize/gptq.py.
         max_new_tokens: the most tokens to generate (generation also stops at EOS).
         temperature: sampling temperature; 0 means greedy decoding.
         top_k: sample only among the k most likely tokens (none: all).
@@ -38,10 +40,13 @@ def main(
         seed: random seed for sampling.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
         compile: compile the decode step with torch.compile.
+        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
+            gptq.int3 for a checkpoint written by quantize/gptq.py.
     """
-    answer_instruction(checkpoint_dir, prompt, input, lambda model: load_finetuned_weights(model, finetuned_path),
+    checkpoint_dir, wrap = finetuned_source(checkpoint_dir, finetuned_path, quantize)
+    answer_instruction(checkpoint_dir, prompt, input, wrap,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, precision=precision, compile=compile)
+                       seed=seed, precision=precision, compile=compile, quantize=quantize)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ CONFIG_FILE = "lit_config.json"
 WEIGHTS_FILE = "lit_model.safetensors"
 INDEX_FILE = "lit_model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+# chat_template.jinja: where recent transformers saves the chat template; lit_template.json: the
+# name of the chat template recorded by lit_llama (lit_llama/prompts.py)
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "lit_template.json")
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints/SmolLM2-135M-Instruct")
 
 _DTYPES = {
@@ -156,8 +159,11 @@ def validate_checkpoint_dir(checkpoint_dir: Path) -> None:
 def load_config(checkpoint_dir: Path) -> Config:
     path = Path(checkpoint_dir) / CONFIG_FILE
     try:
-        return Config(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        fields = json.loads(path.read_text())
+        # how quantize/gptq.py packed the weights (lit_llama.quantization reads it), not the architecture
+        fields.pop("quantization", None)
+        return Config(**fields)
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a valid model config: {e}")
 
 
@@ -173,6 +179,7 @@ def load_model(checkpoint_dir: Path, config: Optional[Config] = None) -> LLaMA:
 
     It is built on the meta device (no allocation) and the file's tensors are assigned in place."""
     validate_checkpoint_dir(checkpoint_dir)
+    _refuse_packed(checkpoint_dir)
     config = config or load_config(checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
@@ -180,6 +187,16 @@ def load_model(checkpoint_dir: Path, config: Optional[Config] = None) -> LLaMA:
     check_state_dict(model, state_dict, checkpoint_dir)
     model.load_state_dict(state_dict, assign=True)
     return model
+
+
+def _refuse_packed(checkpoint_dir: Path) -> None:
+    # packed integer weights fit no float model: only lit_llama.quantization.load_packed_model reads them
+    from lit_llama.quantization import packed_mode, read_quantization
+
+    entry = read_quantization(checkpoint_dir)
+    if entry is not None:
+        raise CheckpointError(f"{checkpoint_dir} holds {entry.get('bits')}-bit weights packed by quantize/gptq.py: "
+                              f"load it with --quantize {packed_mode(entry)}")
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], where) -> None:

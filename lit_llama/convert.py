@@ -176,7 +176,22 @@ def hf_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
     return weights
 
 
-def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None) -> None:
+def record_template(tmp: Path, template: Optional[str]) -> None:
+    """Write the chat template's name into the new checkpoint (lit_template.json), if one is given."""
+    if template is not None:
+        from lit_llama.prompts import save_template_name
+
+        save_template_name(tmp, template)
+
+
+def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None,
+                          template: Optional[str] = None) -> None:
+    """The chat template travels in tokenizer_config.json / chat_template.jinja; `template` records a
+    built-in one's name instead (for models whose folder has none)."""
+    if template is not None:
+        from lit_llama.prompts import check_template_name
+
+        check_template_name(template)
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"{checkpoint_dir} is not a directory")
@@ -196,7 +211,8 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optiona
         return weights[name]
 
     tensors = lit_tensors(config, get, HF_NAMES, interleaved_rope=False, dtype=parse_dtype(dtype))
-    write_checkpoint(output_dir, config, tensors, lambda tmp: copy_tokenizer_files(checkpoint_dir, tmp))
+    write_checkpoint(output_dir, config, tensors,
+                     lambda tmp: (copy_tokenizer_files(checkpoint_dir, tmp), record_template(tmp, template)))
 
 
 # ---------------------------------------------------------------- Meta's original format
@@ -215,7 +231,14 @@ def meta_config(params: dict, vocab_size: int, name: str, block_size: Optional[i
 
 
 def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_path: Optional[Path] = None,
-                            dtype: Optional[str] = None, block_size: Optional[int] = None) -> None:
+                            dtype: Optional[str] = None, block_size: Optional[int] = None,
+                            template: Optional[str] = None) -> None:
+    """Meta's folders carry no chat template: `template` records one (lit_template.json); by default a
+    Llama 2 chat folder (its name has "chat", as Meta names them: llama-2-7b-chat) gets "llama-2"."""
+    if template is not None:
+        from lit_llama.prompts import check_template_name
+
+        check_template_name(template)
     checkpoint_dir = Path(checkpoint_dir)
     params_path = checkpoint_dir / "params.json"
     if not params_path.is_file():
@@ -261,6 +284,8 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
         import shutil
 
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        llama2 = params.get("norm_eps") == 1e-5 or "n_kv_heads" in params
+        record_template(tmp, template or ("llama-2" if llama2 and "chat" in checkpoint_dir.name.lower() else None))
 
     tensors = lit_tensors(config, get, META_NAMES, interleaved_rope=True, dtype=parse_dtype(dtype))
     write_checkpoint(output_dir, config, tensors, finish)

@@ -96,7 +96,16 @@ def default_dtype(tensors: Dict[str, Any]) -> torch.dtype:
     return {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
 
 
-def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None) -> None:
+def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None,
+                            template: Optional[str] = None) -> None:
+    """The file's chat template (tokenizer.chat_template) goes into tokenizer_config.json; `template`
+    records a built-in one's name (lit_template.json) for files that have none."""
+    from lit_llama.convert import record_template
+
+    if template is not None:
+        from lit_llama.prompts import check_template_name
+
+        check_template_name(template)
     reader = read_gguf(gguf_path)
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -109,7 +118,8 @@ def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[s
 
     tensors_out = lit_tensors(config, get, GGUF_NAMES, interleaved_rope=True,
                               dtype=parse_dtype(dtype) or default_dtype(tensors))
-    write_checkpoint(output_dir, config, tensors_out, lambda tmp: write_gguf_tokenizer(meta, tmp))
+    write_checkpoint(output_dir, config, tensors_out,
+                     lambda tmp: (write_gguf_tokenizer(meta, tmp), record_template(tmp, template)))
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -32,7 +32,7 @@ def download_hf(repo_id: str, output_dir: Optional[Path] = None, download_dir: O
         weights = "model*.safetensors" if any(f.startswith("model") and f.endswith(".safetensors") for f in files) \
             else "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
         snapshot_download(repo_id, local_dir=download_dir, token=access_token,
-                          allow_patterns=["*.json", weights, "tokenizer.model"])
+                          allow_patterns=["*.json", weights, "tokenizer.model", "chat_template.jinja"])
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated: accept its license on https://huggingface.co/{repo_id}, "
                         f"then pass --access_token (or set HF_TOKEN)")

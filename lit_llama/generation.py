@@ -96,21 +96,44 @@ def stream_text(decode: Callable[[list], str], tokens: Iterable[int]) -> Iterato
         yield text[len(emitted):]
 
 
-def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Optional[Callable] = None):
+def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Optional[Callable] = None,
+                       quantize: Optional[str] = None):
     """(fabric, model, tokenizer) for a checkpoint directory, the model on Fabric's device in
     eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin.
-    `wrap(model)` may add finetuned weights (LoRA, adapters) first."""
-    from lit_llama.checkpoint import load_model
+    `wrap(model)` may add finetuned weights (LoRA, adapters) first.
+
+    `quantize`: llm.int8 quantizes the float linear layers of the blocks (after `wrap`, so LoRA and
+    adapters wrap float layers that are then quantized) one at a time onto the device; gptq.int4
+    and gptq.int3 load a checkpoint written by quantize/gptq.py, whose packed layers `wrap` wraps."""
+    from lit_llama.checkpoint import load_model, validate_checkpoint_dir
+    from lit_llama.quantization import check_quantize_mode, load_packed_model, quantize_linears
     from lit_llama.tokenizer import Tokenizer
     from lit_llama.utils import make_fabric
 
     fabric = make_fabric(precision)
-    model = load_model(checkpoint_dir)
+    # before any weight is read: a mode that does not fit the checkpoint is one clear line
+    validate_checkpoint_dir(checkpoint_dir)
+    packed = check_quantize_mode(checkpoint_dir, quantize)
+    if packed is not None:
+        model = load_packed_model(checkpoint_dir, _weight_dtype(precision))
+    else:
+        model = load_model(checkpoint_dir)
     if wrap is not None:
         model = wrap(model)
+    if quantize == "llm.int8":
+        quantize_linears(model, quantize, device=fabric.device, release_mapped=True)
     tokenizer = Tokenizer(checkpoint_dir)
     model = fabric.setup_module(model.eval())
     return fabric, model, tokenizer
+
+
+def _weight_dtype(precision: Optional[str]) -> torch.dtype:
+    # the dtype Fabric's precision gives the weights: half for the "-true" half precisions, float32
+    # otherwise (mixed precisions keep float32 weights)
+    from lit_llama.utils import default_precision
+
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64,
+            "64": torch.float64}.get(precision or default_precision(), torch.float32)
 
 
 def print_completion(model: LLaMA, tokenizer, prompt: str, device, max_new_tokens: int, *, temperature: float = 0.0,
@@ -150,14 +173,33 @@ def peak_memory_gb(device) -> float:
 def answer_instruction(checkpoint_dir, instruction: str, input: str = "", wrap: Optional[Callable] = None, *,
                        max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = 200,
                        top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
-                       compile: bool = False) -> str:
+                       compile: bool = False, quantize: Optional[str] = None) -> str:
     """What the generate/ scripts do: wrap the instruction in the finetuning template and stream
     the model's response to stdout."""
     from lit_llama.prompts import instruction_prompt
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, wrap)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, wrap, quantize)
     fabric.seed_everything(seed, verbose=False)
     step = compile_decode_step(fabric.device) if compile else decode_step
     return print_completion(model, tokenizer, instruction_prompt(instruction, input), fabric.device,
                             max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, step=step)
+
+
+def finetuned_source(checkpoint_dir, finetuned_path, quantize: Optional[str] = None):
+    """(checkpoint dir to load, wrap) for finetune/full.py's weights on top of `checkpoint_dir`.
+
+    Packed GPTQ weights cannot take float weights: for gptq.* modes `finetuned_path` must be the
+    finetuned model quantized by quantize/gptq.py, and is loaded on its own."""
+    from pathlib import Path
+
+    from lit_llama.checkpoint import load_finetuned_weights
+    from lit_llama.quantization import read_quantization
+
+    if quantize is not None and quantize.startswith("gptq."):
+        if read_quantization(finetuned_path) is None:
+            final = Path(finetuned_path) / "final" if (Path(finetuned_path) / "final").is_dir() else finetuned_path
+            raise UserError(f"--quantize {quantize} needs the finetuned model quantized: run `python quantize/gptq.py "
+                            f"--checkpoint_dir {final} --output_dir OUT` and pass OUT as --finetuned_path")
+        return finetuned_path, None
+    return checkpoint_dir, lambda model: load_finetuned_weights(model, finetuned_path)

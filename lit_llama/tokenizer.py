@@ -56,7 +56,26 @@ class Tokenizer:
         extra = extra if isinstance(extra, list) else [extra]
         self.stop_ids = sorted({i for i in [self.eos_id, *extra] if i is not None})
         self.add_bos = cfg["add_bos_token"] if "add_bos_token" in cfg else self._adds_bos_by_default()
-        self.chat_template: Optional[str] = cfg.get("chat_template")
+        # the special tokens' text, as the config names them (what a chat template sees)
+        self._special_text = {k: _token_text(cfg.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad")}
+        self.chat_template: Optional[str] = _chat_template(d, cfg)
+
+    def special_token_text(self, kind: str) -> str:
+        """The text of the "bos", "eos", "unk" or "pad" token ("" if there is none)."""
+        text = self._special_text.get(kind)
+        if isinstance(text, str):
+            return text
+        i = {"bos": self.bos_id, "eos": self.eos_id}.get(kind)
+        if i is None:
+            return ""
+        if self.backend == "huggingface":
+            return self.processor.id_to_token(i) or ""
+        return self.processor.id_to_piece(i)
+
+    def template_variables(self) -> dict:
+        """The special tokens transformers passes to a chat template (bos_token, eos_token, ...)."""
+        return {f"{k}_token": self.special_token_text(k) for k in ("bos", "eos", "unk", "pad")
+                if self.special_token_text(k)}
 
     def _special_id(self, token, gen_id, kind: str) -> Optional[int]:
         text = _token_text(token)
@@ -110,20 +129,24 @@ class Tokenizer:
             return self.processor.decode(ids, skip_special_tokens=False)
         return self.processor.decode(ids)
 
-    def apply_chat_template(self, messages: List[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: List[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's Jinja chat
         template, in a sandbox, with the same options and globals as transformers."""
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from lit_llama.prompts import render_jinja
 
-        def raise_exception(message):
-            raise TemplateError(message)
+        return render_jinja(self.chat_template, messages, add_generation_prompt,
+                            **{**self.template_variables(), **kwargs})
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        bos = self.processor.id_to_token(self.bos_id) if self.backend == "huggingface" and self.bos_id is not None else ""
-        eos = self.processor.id_to_token(self.eos_id) if self.backend == "huggingface" and self.eos_id is not None else ""
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos or "", eos_token=eos or "")
+
+def _chat_template(d: Path, cfg: dict) -> Optional[str]:
+    """The checkpoint's chat template: `chat_template.jinja` (what recent transformers saves) or the
+    `chat_template` of tokenizer_config.json, a string or a list of named templates ("default" used)."""
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text()
+    t = cfg.get("chat_template")
+    if isinstance(t, list):
+        named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) and t else None

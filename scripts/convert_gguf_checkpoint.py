@@ -10,7 +10,7 @@ from lit_llama.convert_gguf import convert_gguf_checkpoint
 from lit_llama.utils import run_cli
 
 
-def main(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None) -> None:
+def main(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None, template: Optional[str] = None) -> None:
     """Dequantize a GGUF model and write its weights, config and tokenizer as a checkpoint directory.
 
     Args:
@@ -18,8 +18,10 @@ def main(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None) -> None
         output_dir: the checkpoint directory to write; it appears only once complete.
         dtype: float32, float16 or bfloat16 for the stored weights; default: the file's own
             precision for F16/BF16 files, float32 for quantized ones.
+        template: a built-in chat template to record with the checkpoint (chatml, llama-2, alpaca, vicuna,
+            baize), for files without tokenizer.chat_template; chat.py and serve.py use it.
     """
-    convert_gguf_checkpoint(gguf_path, output_dir, dtype)
+    convert_gguf_checkpoint(gguf_path, output_dir, dtype, template=template)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.checkpoint import load_model, save_checkpoint  # noqa: E402
 from lit_llama.lora import load_lora, merge_lora  # noqa: E402
+from lit_llama.prompts import recorded_template_name, save_template_name  # noqa: E402
 from lit_llama.utils import run_cli  # noqa: E402
 
 
@@ -27,6 +28,9 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     with torch.no_grad():
         merge_lora(model)
     save_checkpoint(output_dir, model, tokenizer_dir=checkpoint_dir)
+    template = recorded_template_name(Path(lora_path))  # the format the LoRA was trained on
+    if template:
+        save_template_name(output_dir, template)
     print(f"wrote {output_dir}")
 
 

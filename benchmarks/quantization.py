@@ -1,0 +1,176 @@
+"""Quantization of the embedded SmolLM2-135M-Instruct: perplexity, checkpoint size and peak memory of
+fp32, llm.int8, GPTQ 4-bit g128, RTN 4-bit g128 and GPTQ 3-bit g128, in one table.
+
+The text is Python's reference documentation (pydoc_data.topics, offline English): GPTQ calibrates
+on its first half and perplexity is measured on its second half, so no model is scored on the text
+it was calibrated on. Every step runs the repo's own scripts (quantize/gptq.py, evaluate/full.py)
+in a fresh process, so the peak memory of a row is that process's own. Prints the table and writes
+it into docs/benchmarks.md under "Quantization".
+
+    python benchmarks/quantization.py [--nsamples 128] [--calib_seqlen 2048] [--eval_seqlen 2048] [--max_windows N]
+"""
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files  # noqa: E402
+
+# label, quantize/gptq.py arguments (None: no checkpoint of its own), --quantize to load it with
+ROWS = [
+    ("fp32", None, None),
+    ("llm.int8", None, "llm.int8"),
+    ("GPTQ 4-bit g128", ["--method", "gptq", "--bits", "4"], "gptq.int4"),
+    ("RTN 4-bit g128", ["--method", "rtn", "--bits", "4"], "gptq.int4"),
+    ("GPTQ 3-bit g128", ["--method", "gptq", "--bits", "3"], "gptq.int3"),
+    ("GPTQ 4-bit g128 act-order", ["--method", "gptq", "--bits", "4", "--act_order", "true"], "gptq.int4"),
+]
+
+
+def split_text(out_dir: Path) -> tuple:
+    from lit_llama.gptq import default_calibration_text
+
+    text = default_calibration_text()
+    half = len(text) // 2
+    calib, evaluation = out_dir / "calibration.txt", out_dir / "evaluation.txt"
+    calib.write_text(text[:half])
+    evaluation.write_text(text[half:])
+    return calib, evaluation
+
+
+def tensor_bytes(checkpoint_dir: Path) -> dict:
+    """{tensor name: bytes} from the safetensors headers."""
+    sizes = {}
+    for f in weight_files(checkpoint_dir):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()})
+    return sizes
+
+
+def fp16_bytes(checkpoint_dir: Path) -> tuple:
+    """(all tensors, the blocks' linear weights) of the float checkpoint at 2 bytes a weight."""
+    from safetensors import safe_open
+
+    total = linears = 0
+    for f in weight_files(checkpoint_dir):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                n = 1
+                for s in fh.get_slice(k).get_shape():
+                    n *= s
+                total += 2 * n
+                linears += 2 * n if k.startswith("transformer.h.") and k.endswith(("c_attn.weight", "c_proj.weight",
+                                                                                   "c_fc1.weight", "c_fc2.weight")) else 0
+    return total, linears
+
+
+def run(args, log: Path, timeout: int = 6 * 3600) -> subprocess.CompletedProcess:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    log.write_text(f"$ {' '.join(map(str, args))}\n# {time.perf_counter() - t0:.0f} s\n{r.stdout}\n{r.stderr}")
+    if r.returncode != 0:
+        raise SystemExit(f"error: {' '.join(map(str, args[:1]))} failed, see {log}: {r.stderr.strip()[-500:]}")
+    return r
+
+
+def evaluate(checkpoint: Path, quantize: Optional[str], text: Path, seqlen: int, max_windows: Optional[int],
+             log: Path) -> dict:
+    args = ["evaluate/full.py", "--checkpoint_dir", checkpoint, "--text_file", text, "--seqlen", seqlen]
+    args += ["--quantize", quantize] if quantize else []
+    args += ["--max_windows", max_windows] if max_windows else []
+    r = run(args, log)
+    load = re.search(r"Loaded in ([\d.]+) s, peak memory ([\d.]+) GB", r.stderr)
+    ev = re.search(r"Evaluated in ([\d.]+) s, peak memory ([\d.]+) GB", r.stderr)
+    return {"ppl": float(r.stdout.strip().splitlines()[-1].split()[1]), "load_gb": float(load.group(2)),
+            "eval_gb": float(ev.group(2)), "eval_s": float(ev.group(1))}
+
+
+def seven_b_ratio(bits: int, groupsize: int = 128) -> float:
+    """Size of a LLaMA-7B checkpoint packed like ours (float16 embedding, head, norms; packed linears
+    with a float16 scale and a one-byte zero per group) relative to its float16 checkpoint."""
+    dim, hidden, layers, vocab = 4096, 11008, 32, 32000
+    linear = layers * (4 * dim * dim + 3 * dim * hidden)
+    other = 2 * vocab * dim + (2 * layers + 1) * dim
+    packed = linear * bits / 8 + linear / groupsize * 3 + other * 2
+    return packed / ((linear + other) * 2)
+
+
+def table(rows: list, fp16_total: int, fp16_linears: int) -> str:
+    fp32 = rows[0]["ppl"]
+    lines = ["| method | checkpoint (MB) | vs fp16 checkpoint | block linears vs fp16 | peak RSS loaded (GB) "
+             "| peak RSS evaluating (GB) | perplexity | vs fp32 | quantize time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        size = f"{r['size'] / 1e6:.0f}" if r.get("size") else "(fp32 file)"
+        ratio = f"{r['size'] / fp16_total:.0%}" if r.get("size") else "-"
+        lin = f"{r['linear_size'] / fp16_linears:.0%}" if r.get("linear_size") else "-"
+        qt = f"{r['quantize_s']:.0f} s" if r.get("quantize_s") else "-"
+        lines.append(f"| {r['label']} | {size} | {ratio} | {lin} | {r['load_gb']:.2f} | {r['eval_gb']:.2f} "
+                     f"| {r['ppl']:.3f} | {r['ppl'] / fp32 - 1:+.1%} | {qt} |")
+    return "\n".join(lines)
+
+
+def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("out/benchmarks/quantization"),
+         nsamples: int = 128, calib_seqlen: int = 2048, eval_seqlen: int = 2048, max_windows: Optional[int] = None,
+         reuse: bool = False, write_docs: bool = True) -> None:
+    """Args:
+        checkpoint_dir: the float checkpoint (default: the embedded SmolLM2-135M-Instruct).
+        out_dir: where the quantized checkpoints, the two halves of the text and the logs go.
+        nsamples: GPTQ calibration windows; calib_seqlen: tokens per window.
+        eval_seqlen: tokens per evaluation window; max_windows: evaluate only the first windows.
+        reuse: keep quantized checkpoints already in out_dir instead of quantizing again.
+        write_docs: write the table into docs/benchmarks.md.
+    """
+    checkpoint_dir, out_dir = ROOT / checkpoint_dir, ROOT / out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = split_text(out_dir)
+    fp16_total, fp16_linears = fp16_bytes(checkpoint_dir)
+    rows = []
+    for i, (label, qargs, quantize) in enumerate(ROWS):
+        row = {"label": label}
+        checkpoint = checkpoint_dir
+        if qargs is not None:
+            checkpoint = out_dir / re.sub(r"\W+", "-", label.lower())
+            if not (reuse and checkpoint.is_dir()):
+                t0 = time.perf_counter()
+                run(["quantize/gptq.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", checkpoint, *qargs,
+                     "--groupsize", 128, "--text_file", calib, "--nsamples", nsamples, "--seqlen", calib_seqlen],
+                    out_dir / f"quantize-{i}.log")
+                row["quantize_s"] = time.perf_counter() - t0
+            sizes = tensor_bytes(checkpoint)
+            row["size"] = sum(sizes.values())
+            row["linear_size"] = sum(v for k, v in sizes.items() if k.endswith(("qweight", "scales", "zeros", "perm")))
+        row.update(evaluate(checkpoint, quantize, evaluation, eval_seqlen, max_windows, out_dir / f"evaluate-{i}.log"))
+        print(f"{label}: {row}", file=sys.stderr, flush=True)
+        rows.append(row)
+    windows = f"the first {max_windows} windows" if max_windows else "all windows"
+    text = (table(rows, fp16_total, fp16_linears) + "\n\n"
+            f"Perplexity over {windows} of {eval_seqlen} tokens of the second half of pydoc_data.topics; GPTQ "
+            f"calibrated on {nsamples} windows of {calib_seqlen} tokens of the first half. Peak RSS is the "
+            f"evaluating process's (ru_maxrss: memory-mapped weights count once touched). fp16 checkpoint: "
+            f"{fp16_total / 1e6:.0f} MB, of which the tied embedding is the float16 part the packed checkpoints "
+            f"keep. A LLaMA-7B packed the same way would be {seven_b_ratio(4):.0%} (4-bit) and "
+            f"{seven_b_ratio(3):.0%} (3-bit) of its fp16 checkpoint.")
+    print(text)
+    if write_docs:
+        from benchmarks.report import write_section
+
+        command = " ".join(["python benchmarks/quantization.py", *sys.argv[1:]])
+        write_section("Quantization", text, command)
+
+
+if __name__ == "__main__":
+    from lit_llama.utils import run_cli
+
+    run_cli(main)

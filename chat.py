@@ -1,0 +1,74 @@
+"""Chat with a model in the terminal: `python chat.py` (the embedded model) or `python chat.py < questions.txt`."""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.utils import UserError, run_cli
+
+
+def main(
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    lora_path: Optional[Path] = None,
+    adapter_path: Optional[Path] = None,
+    template: Optional[str] = None,
+    system: Optional[str] = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    seed: int = 1234,
+    max_seq_length: Optional[int] = None,
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+    compile: bool = False,
+) -> None:
+    """Multi-turn chat: each answer streams as it is generated, the conversation is kept and its
+    oldest turns are left out when it no longer fits the context. Commands: /reset, /system TEXT,
+    /template NAME, /help, /exit (or end of input). Ctrl-C stops the current answer.
+
+    Args:
+        checkpoint_dir: the model's checkpoint directory (default: the embedded SmolLM2-135M-Instruct).
+        lora_path: LoRA weights from finetune/lora.py (its --out_dir or the lit_lora.safetensors file).
+        adapter_path: adapter weights from finetune/adapter.py or adapter_v2.py (folder or file).
+        template: the chat template: checkpoint (the checkpoint's own), chatml, llama-2, alpaca, vicuna or
+            baize. Default: the one recorded with the finetuned weights or the checkpoint, else the
+            checkpoint's own.
+        system: a system message for the whole conversation (default: the template's own, if any).
+        max_new_tokens: the longest answer, in tokens (an answer also ends at the template's stop).
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_k: sample only among the k most likely tokens (none: all).
+        top_p: sample only among the most likely tokens whose probabilities sum to top_p.
+        seed: random seed for sampling.
+        max_seq_length: use at most this many tokens of context (default: the model's context).
+        precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
+        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
+            gptq.int3 for a checkpoint written by quantize/gptq.py.
+        compile: compile the decode step with torch.compile.
+    """
+    from lit_llama.chat import ChatSession, load_chat_model, run_chat
+    from lit_llama.generation import check_sampling_args, compile_decode_step, decode_step
+    from lit_llama.prompts import get_template
+
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if max_seq_length is not None and max_seq_length < 2:
+        raise UserError(f"--max_seq_length must be at least 2, got {max_seq_length}")
+    if template not in (None, "checkpoint"):
+        get_template(template)  # an unknown name fails before any loading
+    fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
+                                                            template, quantize=quantize)
+    fabric.seed_everything(seed, verbose=False)
+    step = compile_decode_step(fabric.device) if compile else decode_step
+    session = ChatSession(model, tokenizer, fmt, fabric.device, system=system, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, max_seq_length=max_seq_length, step=step)
+    print(f"Chatting with {Path(checkpoint_dir).name} (template {fmt.template.name}: {source}; context "
+          f"{session.context} tokens). /reset clears the history, /exit leaves, Ctrl-C stops an answer.",
+          file=sys.stderr, flush=True)
+    run_chat(session, tokenizer)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,399 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323): quantize each linear layer's weights to 4 or 3 bits
+one input column at a time, pushing every column's rounding error onto the columns not yet
+quantized so that the layer's outputs on calibration data change as little as possible; and
+round-to-nearest (RTN) at the same bits and groups, for comparison.
+
+For a layer W (rows: outputs, columns: inputs) whose inputs on the calibration data are x:
+  H = 2/n Σ x xᵀ, the Hessian of the output error ||W x - Q x||² in the weights of a row.
+  A column whose input is always zero is dead: its weights never matter; they are set to 0.
+  H is damped by 1% of its mean diagonal (well conditioned), and U is the upper Cholesky factor of
+  H⁻¹: row i of U gives how the remaining columns must move to compensate an error in column i
+  once the columns before i are fixed (the paper's Cholesky reformulation of OBQ's updates).
+  Column i: q = quant(w_i), err = (w_i - q) / U[i, i], w_j -= err · U[i, j] for the later j.
+  The updates are applied at once inside a batch of 128 columns and, lazily, as one matmul to the
+  columns after it (the same result, far fewer memory passes).
+  Groups: each run of `groupsize` columns gets its own scale and zero point, computed from its
+  columns as they are when the group starts (after the updates of the columns before it).
+  Act-order: columns in order of decreasing H[i, i] (the most active inputs first).
+The quantizer is asymmetric min-max: the range [min(w, 0), max(w, 0)] of a row (or group) in
+2^bits - 1 steps, scale = (max - min) / (2^bits - 1), zero = round(-min / scale).
+
+The model is quantized block by block (a model larger than memory stays memory-mapped and only one
+block is on the device): the calibration windows' hidden states enter a block; within it the layers
+are quantized in the order the data flows (attention input, attention output, MLP input, MLP
+output: "true sequential"), each from inputs computed with the layers before it already quantized;
+the quantized block's outputs are the next block's inputs.
+"""
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from lit_llama.quantization import PackedLinear, check_packed_shape, dequantize_ints
+from lit_llama.utils import UserError
+
+# the linear layers of a block in the order the data reaches them; layers of one entry share inputs
+SEQUENTIAL = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc1", "mlp.c_fc2"), ("mlp.c_proj",))
+METHODS = ("gptq", "rtn")
+
+
+# ---------------------------------------------------------------- quantizer
+
+
+def minmax_params(w: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (rows,) of the asymmetric min-max quantizer for each row of w. The scale
+    is rounded to float16, as it is stored, so that quantization uses the value inference will."""
+    maxq = 2 ** bits - 1
+    lo = w.min(dim=1).values.clamp(max=0)
+    hi = w.max(dim=1).values.clamp(min=0)
+    flat = (lo == 0) & (hi == 0)  # an all-zero row: any scale represents it
+    lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
+    fp16 = torch.finfo(torch.float16)
+    scale = ((hi - lo) / maxq).clamp(2.0 ** -24, fp16.max).half().float()
+    zero = torch.round(-lo / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes q (rows, cols) with columns in stored order (`perm` order with act-order),
+    float16 scales and integer zeros (rows, groups) for groups of `groupsize` columns."""
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    groupsize: int
+    perm: Optional[torch.Tensor] = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The quantized weight (rows, cols) in float32, columns in the layer's own order."""
+        w = dequantize_ints(self.q, self.scales, self.zeros, self.groupsize, torch.float32)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+    def to_layer(self) -> PackedLinear:
+        return PackedLinear.from_ints(self.q.to(torch.uint8), self.scales.half(), self.zeros, self.bits,
+                                      self.groupsize, self.perm)
+
+
+# ---------------------------------------------------------------- one layer
+
+
+def _groupsize(groupsize: int, cols: int) -> int:
+    return cols if groupsize == -1 or groupsize > cols else groupsize
+
+
+def rtn(W: torch.Tensor, bits: int, groupsize: int = 128) -> QuantizedWeight:
+    """Round each weight to the nearest level of its row's (or group's) min-max grid."""
+    W = W.float()
+    rows, cols = W.shape
+    gs = _groupsize(groupsize, cols)
+    q = torch.empty_like(W)
+    scales, zeros = [], []
+    for g0 in range(0, cols, gs):
+        scale, zero = minmax_params(W[:, g0:g0 + gs], bits)
+        q[:, g0:g0 + gs] = quantize(W[:, g0:g0 + gs], scale[:, None], zero[:, None], 2 ** bits - 1)
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(q, torch.stack(scales, 1), torch.stack(zeros, 1), bits, gs)
+
+
+class Hessian:
+    """H = 2/n Σ x xᵀ over the rows x of every input seen, kept as a running mean."""
+
+    def __init__(self, columns: int, device=None):
+        self.H = torch.zeros(columns, columns, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.size(-1)).float()
+        self.H *= self.n / (self.n + x.size(0))
+        self.n += x.size(0)
+        x = x * math.sqrt(2 / self.n)
+        self.H += x.T @ x
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)⁻¹, damp = percdamp * mean(diag H). `H` is modified."""
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() == 0:
+        Hinv = torch.cholesky_inverse(L)
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if info.item() == 0:
+            return U
+    raise UserError(f"GPTQ: a layer's Hessian is not positive definite even with {percdamp:.0%} dampening "
+                    "(too few or degenerate calibration tokens?); raise --percdamp or add calibration data")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int = 128, act_order: bool = False,
+         blocksize: int = 128, percdamp: float = 0.01) -> QuantizedWeight:
+    """GPTQ for one layer: W (rows, cols), H (cols, cols) from Hessian. Neither is modified."""
+    W, H = W.float().clone(), H.float().clone()
+    rows, cols = W.shape
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_factor(H, percdamp)
+    gs = _groupsize(groupsize, cols)
+    # transposed, so that a column of W is a contiguous row: three times faster on CPUs
+    Wt, Qt = W.T.contiguous(), torch.zeros(cols, rows, device=W.device)
+    scales, zeros = W.new_zeros(-(-cols // gs), rows), W.new_zeros(-(-cols // gs), rows)
+    # every group starts a batch, so a group's parameters see all the updates before it
+    starts = sorted(set(range(0, cols, blocksize)) | set(range(0, cols, gs)))
+    for i1, i2 in zip(starts, starts[1:] + [cols]):
+        g = i1 // gs
+        if i1 % gs == 0:
+            scales[g], zeros[g] = minmax_params(Wt[i1:i1 + gs].T, bits)
+        err = _quantize_batch(Wt[i1:i2], Qt[i1:i2], U[i1:i2, i1:i2], scales[g], zeros[g], 2 ** bits - 1)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1)  # the lazy update of all later columns
+    return QuantizedWeight(Qt.T, scales.T, zeros.T, bits, gs, perm)
+
+
+def _quantize_batch(W1: torch.Tensor, Q1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Quantize the columns W1 (batch, rows: transposed) in place, codes into Q1, with error feedback
+    inside the batch; returns the scaled errors (batch, rows) for the update of the later columns."""
+    err = torch.empty_like(W1)
+    for i in range(W1.size(0)):
+        w = W1[i]
+        q = quantize(w, scale, zero, maxq)
+        Q1[i] = q
+        e = (w - scale * (q - zero)) / U1[i, i]
+        W1[i:].addr_(U1[i, i:], e, alpha=-1)
+        err[i] = e
+    return err
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+def default_calibration_text() -> str:
+    """Python's own reference documentation (pydoc_data.topics): English prose with code, offline."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics.values())
+
+
+def calibration_tokens(tokenizer, text_file: Optional[Path] = None, data_dir: Optional[Path] = None,
+                       checkpoint_dir: Optional[Path] = None) -> torch.Tensor:
+    """One stream of token ids: a text file, the examples of a prepared dataset (scripts/prepare_*.py)
+    one after another, or the default text."""
+    if text_file is not None and data_dir is not None:
+        raise UserError("pass --text_file or --data_dir, not both")
+    if data_dir is not None:
+        from lit_llama.data import load_instruction_data
+
+        train, _, _ = load_instruction_data(data_dir, checkpoint_dir)
+        return torch.cat([torch.as_tensor(e["input_ids"]) for e in train])
+    if text_file is not None:
+        text_file = Path(text_file)
+        if not text_file.is_file():
+            raise UserError(f"--text_file {text_file} does not exist")
+        text = text_file.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = default_calibration_text()
+    return tokenizer.encode(text)
+
+
+def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`nsamples` windows (nsamples, seqlen) at random positions of the stream, as GPTQ samples C4."""
+    n = tokens.numel()
+    if nsamples < 1 or seqlen < 2:
+        raise UserError(f"--nsamples must be at least 1 and --seqlen at least 2, got {nsamples} and {seqlen}")
+    if n < seqlen:
+        raise UserError(f"the calibration text has {n} tokens, fewer than one window of {seqlen}: "
+                        "pass a longer text or a smaller --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, n - seqlen) for _ in range(nsamples)]
+    return torch.stack([tokens[s:s + seqlen] for s in starts])
+
+
+# ---------------------------------------------------------------- the whole model, block by block
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to end a forward pass once the layer's input was seen."""
+
+
+@torch.no_grad()
+def input_hessian(block: nn.Module, name: str, inputs: List[torch.Tensor],
+                  rope: Tuple[torch.Tensor, torch.Tensor]) -> Hessian:
+    """The Hessian of the inputs that layer `name` of `block` receives from `inputs`; each forward
+    pass ends as soon as the layer has its input (the rest of the block is not needed)."""
+    layer = block.get_submodule(name)
+    hessian = Hessian(layer.in_features, device=inputs[0].device)
+
+    def record(module, args):
+        hessian.add(args[0])
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(record)
+    try:
+        for x in inputs:
+            try:
+                block(x, *rope)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return hessian
+
+
+@dataclass
+class GPTQSettings:
+    method: str = "gptq"
+    bits: int = 4
+    groupsize: int = 128
+    act_order: bool = False
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def check(self, model: nn.Module) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name, layer in model.transformer.h[0].named_modules():
+            if type(layer) is nn.Linear:
+                check_packed_shape(layer.in_features, self.bits, self.groupsize, name)
+        if not 0 <= self.percdamp < 1:
+            raise UserError(f"--percdamp must be in [0, 1), got {self.percdamp}")
+
+    def entry(self) -> dict:
+        """The checkpoint config's `quantization` entry."""
+        return {"method": self.method, "bits": self.bits, "groupsize": self.groupsize, "act_order": self.act_order,
+                "format": "packed-little-endian", "scale_dtype": "float16"}
+
+
+def quantize_block(block: nn.Module, inputs: Optional[List[torch.Tensor]], rope, settings: GPTQSettings
+                   ) -> Dict[str, QuantizedWeight]:
+    """Quantize the linear layers of `block` in data-flow order; each quantized weight replaces the
+    float one in the block (dequantized) so that the layers after it see its outputs."""
+    s = settings
+    out = {}
+    for names in SEQUENTIAL:
+        # the layers of one entry see the same input, so they share one Hessian
+        H = input_hessian(block, names[0], inputs, rope).H if s.method == "gptq" else None
+        for name in names:
+            layer = block.get_submodule(name)
+            if s.method == "gptq":
+                qw = gptq(layer.weight, H, s.bits, s.groupsize, s.act_order, s.blocksize, s.percdamp)
+            else:
+                qw = rtn(layer.weight, s.bits, s.groupsize)
+            layer.weight = nn.Parameter(qw.dequantize().to(layer.weight.dtype), requires_grad=False)
+            out[name] = qw
+    return out
+
+
+def block_state(block: nn.Module, quantized: Dict[str, QuantizedWeight], store_dtype: torch.dtype
+                ) -> Dict[str, torch.Tensor]:
+    """The block's entries of the packed state dict: each quantized layer's packed buffers, and the
+    other parameters (the norms) in `store_dtype`."""
+    state = {}
+    for name, qw in quantized.items():
+        state.update({f"{name}.{k}": v for k, v in qw.to_layer().state_dict().items()})
+    for name, p in block.named_parameters():
+        if name.rpartition(".")[0] not in quantized:
+            state[name] = p.detach().to("cpu", store_dtype)
+    return state
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, windows: Optional[torch.Tensor], settings: GPTQSettings,
+                   device: torch.device, dtype: torch.dtype, store_dtype: torch.dtype = torch.float16,
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+                   ) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+    """Yield (block index, the block's packed state dict entries), block by block. Each block is
+    moved to `device` in `dtype` while it is quantized, then emptied (moved to the meta device):
+    `model` is used up. `windows` (nsamples, seqlen) are the calibration token ids (None for RTN)."""
+    from lit_llama.model import rope_cos_sin
+    from lit_llama.quantization import release_mapped_pages
+
+    c = model.config
+    inputs, rope = None, None
+    if settings.method == "gptq":
+        wte = model.transformer.wte.weight
+        inputs = [wte[w].to(device, dtype)[None] for w in windows]
+        rope = rope_cos_sin(torch.arange(windows.size(1), device=device), c.head_size, c.rope_base, dtype)
+    n = len(model.transformer.h)
+    for i, block in enumerate(model.transformer.h):
+        t0 = time.perf_counter()
+        originals = list(block.parameters())  # memory-mapped: their pages are given back below
+        block.to(device=device, dtype=dtype)
+        quantized = quantize_block(block, inputs, rope, settings)
+        if inputs is not None and i + 1 < n:
+            inputs = [block(x, *rope) for x in inputs]  # the quantized block feeds the next
+        state = block_state(block, quantized, store_dtype)
+        block.to("meta")
+        for p in originals:
+            release_mapped_pages(p)
+        log(f"block {i + 1}/{n} quantized in {time.perf_counter() - t0:.1f}s")
+        yield i, state
+
+
+def quantize_checkpoint(checkpoint_dir: Path, output_dir: Path, settings: GPTQSettings, *,
+                        text_file: Optional[Path] = None, data_dir: Optional[Path] = None, nsamples: int = 128,
+                        seqlen: Optional[int] = None, seed: int = 0, device: Optional[str] = None) -> None:
+    """What quantize/gptq.py does: quantize a float checkpoint directory into a packed one, written
+    atomically, with a `quantization` entry in its lit_config.json and the tokenizer files."""
+    from lit_llama.checkpoint import CONFIG_FILE, ShardedWriter, copy_tokenizer_files, load_model, validate_checkpoint_dir
+    from lit_llama.quantization import read_quantization
+    from lit_llama.utils import atomic_dir
+
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    validate_checkpoint_dir(checkpoint_dir)
+    if read_quantization(checkpoint_dir) is not None:
+        raise UserError(f"{checkpoint_dir} is already quantized; quantize the float checkpoint it was made from")
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise UserError("--output_dir must differ from --checkpoint_dir")
+    model = load_model(checkpoint_dir)
+    settings.check(model)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source_dtype = model.transformer.wte.weight.dtype
+    # float32 on CPUs (no fast half-precision math); on GPUs GPTQ's float16, or the model's bfloat16
+    dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if source_dtype == torch.bfloat16 else torch.float16)
+    store_dtype = torch.bfloat16 if source_dtype == torch.bfloat16 else torch.float16
+    windows, entry = None, settings.entry()
+    if settings.method == "gptq":
+        seqlen = seqlen or min(2048, model.config.block_size)
+        if seqlen > model.config.block_size:
+            raise UserError(f"--seqlen {seqlen} is longer than the model's context ({model.config.block_size})")
+        from lit_llama.tokenizer import Tokenizer
+
+        tokens = calibration_tokens(Tokenizer(checkpoint_dir), text_file, data_dir, checkpoint_dir)
+        windows = sample_windows(tokens, nsamples, seqlen, seed)
+        source = str(text_file or data_dir or "pydoc_data.topics")
+        entry["calibration"] = {"source": source, "tokens": tokens.numel(), "nsamples": nsamples, "seqlen": seqlen,
+                                "seed": seed}
+        print(f"calibration: {nsamples} windows of {seqlen} tokens from {source} ({tokens.numel()} tokens)",
+              file=sys.stderr)
+    with atomic_dir(output_dir) as tmp:
+        writer = ShardedWriter(tmp)
+        for name, t in model.state_dict().items():
+            if not name.startswith("transformer.h."):
+                writer.add(name, t.to(store_dtype) if t.is_floating_point() else t)
+        for i, state in quantize_model(model, windows, settings, device, dtype, store_dtype):
+            for k, v in state.items():
+                writer.add(f"transformer.h.{i}.{k}", v)
+        writer.close()
+        config = {**model.config.asdict(), "quantization": entry}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        copy_tokenizer_files(checkpoint_dir, tmp)

@@ -1,0 +1,59 @@
+"""Quantize a checkpoint's linear layers to packed 4-bit or 3-bit integers with GPTQ (or RTN)."""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+# run from a fresh clone without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from lit_llama.gptq import GPTQSettings, quantize_checkpoint  # noqa: E402
+from lit_llama.utils import run_cli  # noqa: E402
+
+
+def main(
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    output_dir: Optional[Path] = None,
+    bits: int = 4,
+    groupsize: int = 128,
+    method: str = "gptq",
+    text_file: Optional[Path] = None,
+    data_dir: Optional[Path] = None,
+    nsamples: int = 128,
+    seqlen: Optional[int] = None,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    seed: int = 0,
+    device: Optional[str] = None,
+) -> None:
+    """Write a checkpoint directory whose block linear layers hold packed integer weights (two 4-bit
+    or eight 3-bit weights in three bytes, a float16 scale and an integer zero point per group);
+    load it with `--quantize gptq.int4` (or gptq.int3) in generate.py and the evaluate scripts.
+
+    Args:
+        checkpoint_dir: the float checkpoint directory to quantize.
+        output_dir: the checkpoint directory to write (default: checkpoint_dir-METHOD-intBITS-gGROUPSIZE).
+        bits: 4 or 3.
+        groupsize: inputs sharing a scale and zero point (must divide every layer's inputs); -1 for
+            one per output row.
+        method: gptq (error feedback from calibration data) or rtn (round to nearest, no data).
+        text_file: a UTF-8 text to calibrate on; the default is Python's reference documentation.
+        data_dir: calibrate on a dataset prepared by scripts/prepare_*.py instead.
+        nsamples: calibration windows, taken at random positions of the text.
+        seqlen: tokens per window (default: the model's context, at most 2048).
+        act_order: quantize the columns in order of decreasing activation (GPTQ's act-order).
+        percdamp: dampening of the Hessian, a fraction of its mean diagonal.
+        seed: seed of the window positions.
+        device: where each block is quantized (default: cuda if available, else cpu).
+    """
+    if output_dir is None:
+        output_dir = checkpoint_dir.with_name(f"{checkpoint_dir.name}-{method}-int{bits}-g{groupsize}")
+    settings = GPTQSettings(method=method, bits=bits, groupsize=groupsize, act_order=act_order, percdamp=percdamp)
+    quantize_checkpoint(checkpoint_dir, output_dir, settings, text_file=text_file, data_dir=data_dir,
+                        nsamples=nsamples, seqlen=seqlen, seed=seed, device=device)
+    print(f"wrote {output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,95 @@
+"""Serve a model over an OpenAI-compatible HTTP API, with a web chat page: `python serve.py`."""
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.utils import UserError, run_cli
+
+
+def main(
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    lora_path: Optional[Path] = None,
+    adapter_path: Optional[Path] = None,
+    template: Optional[str] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Optional[str] = None,
+    model_name: Optional[str] = None,
+    max_queue: int = 64,
+    default_max_tokens: int = 1024,
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+) -> None:
+    """OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (with "stream": true as
+    server-sent events), GET /v1/models, GET /health, and a web chat page at /. Requests wait in one
+    queue and run one at a time on the model.
+
+    Args:
+        checkpoint_dir: the model's checkpoint directory (default: the embedded SmolLM2-135M-Instruct).
+        lora_path: LoRA weights from finetune/lora.py (its --out_dir or the lit_lora.safetensors file).
+        adapter_path: adapter weights from finetune/adapter.py or adapter_v2.py (folder or file).
+        template: the chat template (checkpoint, chatml, llama-2, alpaca, vicuna, baize); default: the
+            one recorded with the weights, else the checkpoint's own.
+        host: the address to listen on; the default answers only this machine.
+        port: the TCP port (0: any free one, printed at start).
+        api_key: if given, every /v1 request must send `Authorization: Bearer API_KEY` (default: the
+            LIT_LLAMA_API_KEY environment variable, which keeps the key out of the process list).
+        model_name: the model id clients name (default: the checkpoint directory's name).
+        max_queue: requests allowed to wait; more are answered 503.
+        default_max_tokens: the longest answer of a chat request that sets no max_tokens (OpenAI's
+            default is the rest of the context, which makes every such request pay for a KV cache of the
+            whole context); 0 for the rest of the context.
+        precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
+        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
+            gptq.int3 for a checkpoint written by quantize/gptq.py.
+    """
+    from lit_llama.chat import load_chat_model
+    from lit_llama.prompts import get_template
+    from lit_llama.serving import Engine, Server, create_app
+
+    api_key = api_key or os.environ.get("LIT_LLAMA_API_KEY") or None
+    if not 0 <= port < 65536:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    if max_queue < 1:
+        raise UserError(f"--max_queue must be at least 1, got {max_queue}")
+    if default_max_tokens < 0:
+        raise UserError(f"--default_max_tokens must be at least 0, got {default_max_tokens}")
+    if template not in (None, "checkpoint"):
+        get_template(template)  # an unknown name fails before any loading
+    # bind first: a port in use is one clear line, before minutes of loading
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
+                                                            template, quantize=quantize)
+    name = model_name or Path(checkpoint_dir).name
+    server = Server(Engine(model, tokenizer, fmt, fabric.device, max_queue=max_queue), name, api_key,
+                    default_max_tokens=default_max_tokens or None)
+    app = create_app(server)
+
+    import uvicorn
+
+    port = sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving {name} (chat template {fmt.template.name}: {source}) at http://{url_host}:{port} "
+          f"- OpenAI API under /v1, web chat at /{', API key required' if api_key else ''}",
+          file=sys.stderr, flush=True)
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without --api_key: anyone who can reach it can use the model",
+              file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,228 @@
+"""GPTQ: the algorithm on single layers (against round-to-nearest and against its own definition),
+packed checkpoints written and read back, and quantize/gptq.py as a user runs it."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_script
+from quant_helpers import assert_one_error_line, calibration_file, run_main, tiny_checkpoint
+from lit_llama.gptq import GPTQSettings, Hessian, gptq, minmax_params, quantize_checkpoint, rtn
+from lit_llama.quantization import PackedLinear, load_packed_model
+
+
+def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
+    """Inputs like a transformer's: most variance in a few directions (fixed by seed 0, shared by
+    calibration and test data), a few large-magnitude features, plus noise."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(16, cols, generator=g)
+    scale = torch.ones(cols)
+    scale[torch.randperm(cols, generator=g)[:4]] = 8.0
+    g.manual_seed(seed)
+    return (torch.randn(n, 16, generator=g) @ basis + 0.3 * torch.randn(n, cols, generator=g)) * scale
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, X: torch.Tensor) -> float:
+    return ((X @ (W - Wq).T) ** 2).mean().item()
+
+
+# ---------------------------------------------------------------- single layers
+
+
+@pytest.mark.parametrize("bits,groupsize,act_order", [(4, 128, False), (3, 128, False), (4, -1, False),
+                                                       (3, 64, True), (4, 96, True)])
+def test_gptq_has_lower_output_error_than_rtn(bits, groupsize, act_order):
+    torch.manual_seed(0)
+    W = torch.randn(96, 256) * 0.05
+    h = Hessian(256)
+    for i in range(4):  # added in parts: the running mean must equal the whole
+        h.add(correlated_inputs(512, 256, seed=1 + i))
+    X_test = correlated_inputs(2048, 256, seed=100)  # held out: not the calibration inputs
+    err_gptq = output_error(W, gptq(W, h.H, bits, groupsize, act_order).dequantize(), X_test)
+    err_rtn = output_error(W, rtn(W, bits, groupsize).dequantize(), X_test)
+    # the paper's point: same grid, same bits, far smaller output error
+    assert err_gptq < 0.5 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_hessian_is_2_xxt_over_n():
+    X = torch.randn(300, 24)
+    h = Hessian(24)
+    h.add(X[:100])
+    h.add(X[100:].view(4, 50, 24))  # batched inputs are flattened to rows
+    torch.testing.assert_close(h.H, 2 * X.T @ X / 300, rtol=1e-5, atol=1e-5)
+
+
+def test_minmax_quantizer_is_asymmetric_and_includes_zero():
+    w = torch.tensor([[-0.3, 0.1, 0.9], [0.2, 0.5, 0.6], [0.0, 0.0, 0.0]])
+    scale, zero = minmax_params(w, 4)
+    torch.testing.assert_close(scale[0], torch.tensor(1.2 / 15).half().float())
+    assert zero[0] == round(0.3 / scale[0].item())
+    # an all-positive row still has 0 on its grid (zero point 0), an all-zero row a usable scale
+    torch.testing.assert_close(scale[1], torch.tensor(0.6 / 15).half().float())
+    assert zero[1] == 0 and scale[2] > 0
+    q = rtn(w, 4, -1)
+    assert q.q.min() >= 0 and q.q.max() <= 15
+    torch.testing.assert_close(q.dequantize()[2], torch.zeros(3))
+
+
+def test_gptq_with_uncorrelated_inputs_is_rtn():
+    # H = I: no column's error says anything about another's, so nothing is pushed on
+    W = torch.randn(32, 128)
+    for groupsize in (32, 100, -1):
+        assert torch.equal(gptq(W, torch.eye(128), 4, groupsize).q, rtn(W, 4, groupsize).q)
+
+
+def test_lazy_batches_give_the_same_result_as_column_by_column():
+    torch.manual_seed(0)
+    W = torch.randn(40, 200)
+    H = Hessian(200)
+    H.add(correlated_inputs(1000, 200, seed=1))
+    # groups of 48 straddle the batches of 64: a group's parameters must still see every update
+    ref = gptq(W, H.H, 3, 48, blocksize=1)
+    for blocksize in (64, 128, 256):
+        out = gptq(W, H.H, 3, 48, blocksize=blocksize)
+        assert (out.q != ref.q).float().mean() < 1e-3  # float summation order may flip a rare tie
+        torch.testing.assert_close(out.scales, ref.scales, rtol=1e-3, atol=1e-6)
+
+
+def test_dead_columns_get_zero_weights():
+    W = torch.randn(16, 64)
+    X = correlated_inputs(500, 64, seed=1)
+    X[:, [3, 40]] = 0  # inputs that never fire
+    h = Hessian(64)
+    h.add(X)
+    out = gptq(W, h.H, 4, 32).dequantize()
+    assert torch.all(out[:, [3, 40]] == 0)
+    assert torch.isfinite(out).all()
+
+
+def test_act_order_layer_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    W = torch.randn(24, 64)
+    h = Hessian(64)
+    h.add(correlated_inputs(400, 64, seed=1))
+    qw = gptq(W, h.H, 4, 16, act_order=True)
+    layer = qw.to_layer()
+    assert layer.perm is not None and not torch.equal(layer.perm, torch.arange(64, dtype=torch.int32))
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ qw.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- packed checkpoints
+
+
+@pytest.fixture(scope="module")
+def packed(default_checkpoint, tmp_path_factory):
+    """(float checkpoint, its 4-bit GPTQ checkpoint with groups of 64 and act-order)."""
+    tmp = tmp_path_factory.mktemp("packed")
+    src = tiny_checkpoint(tmp, default_checkpoint)
+    out = tmp / "gptq"
+    quantize_checkpoint(src, out, GPTQSettings(bits=4, groupsize=64, act_order=True), text_file=calibration_file(tmp),
+                        nsamples=8, seqlen=64, device="cpu")
+    return src, out
+
+
+def test_packed_checkpoint_round_trips(packed, tmp_path):
+    from lit_llama.checkpoint import ShardedWriter, copy_tokenizer_files
+
+    src, out = packed
+    config = json.loads((out / "lit_config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["method"] == "gptq"
+    model = load_packed_model(out).eval()
+    layer = model.transformer.h[0].mlp.c_fc1
+    assert isinstance(layer, PackedLinear) and layer.qweight.dtype == torch.uint8
+    assert layer.qweight.shape == (256, 64) and layer.scales.shape == (256, 2)  # two 4-bit weights a byte
+    # write the loaded model again, in several shards: the same tensors and the same logits
+    again = tmp_path / "again"
+    again.mkdir()
+    writer = ShardedWriter(again, shard_bytes=1 << 20)
+    for k, v in model.state_dict().items():
+        writer.add(k, v.half() if v.dtype == torch.float32 else v)
+    writer.close()
+    shutil.copyfile(out / "lit_config.json", again / "lit_config.json")
+    copy_tokenizer_files(out, again)
+    reloaded = load_packed_model(again).eval()
+    for (k, a), (k2, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    ids = torch.randint(0, 49152, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(model(ids), reloaded(ids))
+
+
+def test_packed_model_computes_what_its_dequantized_weights_do(packed):
+    from lit_llama.checkpoint import load_model
+
+    src, out = packed
+    model = load_packed_model(out).eval()
+    # the same model with each packed layer replaced by a float layer of its dequantized weight
+    reference = load_model(src).eval()
+    state = reference.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            state[f"{name}.weight"] = m.weight
+    state["transformer.wte.weight"] = model.transformer.wte.weight
+    for name, p in model.named_parameters():
+        state[name] = p
+    reference.load_state_dict(state)
+    ids = torch.randint(0, 49152, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- quantize/gptq.py
+
+
+def test_gptq_script_writes_a_checkpoint_that_generates_and_evaluates(packed, tmp_path, default_checkpoint):
+    src, _ = packed
+    out = tmp_path / "int3"
+    text = calibration_file(tmp_path)
+    r = run_script("quantize/gptq.py", "--checkpoint_dir", src, "--output_dir", out, "--bits", "3",
+                   "--groupsize", "32", "--text_file", text, "--nsamples", "4", "--seqlen", "32")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert json.loads((out / "lit_config.json").read_text())["quantization"]["bits"] == 3
+    assert (out / "tokenizer.json").is_file()
+    # 3-bit: eight weights in three bytes
+    layer = load_packed_model(out).transformer.h[0].attn.c_proj
+    assert layer.qweight.shape == (128, 128 * 3 // 8)
+    r = run_script("generate.py", "--checkpoint_dir", out, "--quantize", "gptq.int3", "--max_new_tokens", "5",
+                   "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("case", ["short-text", "bits", "groupsize", "method", "already-quantized", "same-dir"])
+def test_bad_quantize_input_is_one_error_line(case, packed, tmp_path, monkeypatch, capsys):
+    src, gptq_dir = packed
+    short = tmp_path / "short.txt"
+    short.write_text("Far too short to calibrate on.")
+    out = tmp_path / "out"
+    args, words = {
+        "short-text": (["--text_file", short, "--seqlen", "64"], ["fewer than one window of 64"]),
+        "bits": (["--bits", "5"], ["unsupported --bits 5"]),
+        "groupsize": (["--groupsize", "0"], ["unsupported --groupsize 0"]),
+        "method": (["--method", "awq"], ["unknown --method 'awq'"]),
+        "already-quantized": (["--checkpoint_dir", gptq_dir], ["already quantized"]),
+        "same-dir": (["--output_dir", src], ["must differ"]),
+    }[case]
+    args = ["--checkpoint_dir", src, "--output_dir", out, *args]
+    code, err = run_main("quantize/gptq.py", args, monkeypatch, capsys)
+    assert_one_error_line(code, err, *words)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]  # nothing written
+
+
+def test_calibration_from_a_prepared_dataset(default_checkpoint, tmp_path):
+    from lit_llama.data import load_instruction_data, prepare_instruction_data
+    from lit_llama.gptq import calibration_tokens, sample_windows
+    from lit_llama.tokenizer import Tokenizer
+
+    records = [{"instruction": f"Name a number larger than {i}.", "input": "", "output": str(i + 1)} for i in range(20)]
+    prepare_instruction_data(records, default_checkpoint, tmp_path / "data", max_seq_length=64, val_fraction=0.1)
+    tokens = calibration_tokens(Tokenizer(default_checkpoint), data_dir=tmp_path / "data",
+                                checkpoint_dir=default_checkpoint)
+    train, _, _ = load_instruction_data(tmp_path / "data", default_checkpoint)
+    assert torch.equal(tokens, torch.cat([e["input_ids"] for e in train]))  # the examples, one after another
+    windows = sample_windows(tokens, 6, 32, seed=1)
+    assert windows.shape == (6, 32) and torch.equal(windows, sample_windows(tokens, 6, 32, seed=1))

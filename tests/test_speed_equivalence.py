@@ -1,0 +1,105 @@
+"""Greedy outputs that the speed work must keep: lit_llama against transformers on the embedded model,
+eager against compiled lit_llama; and the generation-speed harness itself, on tiny random models.
+
+The compiled check compiles the embedded model's decode step with inductor (needs a C compiler on
+CPU); set LIT_LLAMA_SKIP_COMPILE_TESTS=1 to skip it on machines without one."""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from lit_llama.checkpoint import load_model
+from lit_llama.generation import compile_decode_step, decode_step, generate
+from lit_llama.tokenizer import Tokenizer
+
+N = 32
+TEXT = ("The Eiffel Tower, completed in 1889 for the World's Fair, is a wrought-iron lattice tower on the "
+        "Champ de Mars in Paris. It is named after the engineer Gustave Eiffel, whose company designed and "
+        "built the tower. Locally nicknamed")
+
+
+@pytest.fixture(scope="module")
+def model(default_checkpoint):
+    return load_model(default_checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(default_checkpoint):
+    tok = Tokenizer(default_checkpoint)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}])
+    return [tok.encode(chat), tok.encode(TEXT)]
+
+
+@pytest.fixture(scope="module")
+def eager_tokens(model, prompts):
+    # no stop ids: always N tokens, so that nothing hides behind an early end of text
+    return [list(generate(model, p, N, temperature=0.0, step=decode_step)) for p in prompts]
+
+
+def test_greedy_tokens_match_transformers(default_gguf, prompts, eager_tokens):
+    """transformers reads the original GGUF itself and runs its own LlamaForCausalLM on SDPA (the
+    setting the benchmark times): the first 32 greedy tokens must be ours."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32,
+                                              attn_implementation="sdpa").eval()
+    config = GenerationConfig(max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for prompt, ours in zip(prompts, eager_tokens):
+        assert len(ours) == N
+        with torch.no_grad():
+            ref = hf.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), generation_config=config)
+        assert ours == ref[0, prompt.numel():].tolist()
+
+
+@pytest.mark.skipif(os.environ.get("LIT_LLAMA_SKIP_COMPILE_TESTS") == "1" or not (shutil.which("gcc") or shutil.which("cc")),
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compiled_decode_step_gives_the_same_greedy_tokens(model, prompts, eager_tokens):
+    """One compiled graph for every position (no recompiles per token), same tokens as eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    step = compile_decode_step(torch.device("cpu"))
+    t = time.perf_counter()
+    compiled = [list(generate(model, p, N, temperature=0.0, step=step)) for p in prompts]
+    elapsed = time.perf_counter() - t
+    assert compiled == eager_tokens
+    # compilation happened once for decode (both prompts fit the same cache size), not per token
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    print(f"compiled generation of {len(prompts)} x {N} tokens incl. compilation: {elapsed:.0f} s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- the harness
+
+
+def bench(*args, env=None, timeout=600):
+    return run_script("benchmarks/generation_speed.py", "--write_docs", "false", "--repeats", "1",
+                      "--prompt_tokens", "16", "--new_tokens", "40", "--batch_sizes", "[1,2]", "--threads", "1",
+                      *args, env=env, timeout=timeout)
+
+
+def test_harness_random_model_path():
+    """The GPU mode's path (random model of a named shape, the same weights given to transformers,
+    the bandwidth bound) run on CPU with a tiny shape."""
+    r = bench("--model", "random:tiny-gqa", "--systems", "[lit_llama,transformers]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(l for l in r.stdout.splitlines() if l.startswith("| transformers (sdpa, dynamic cache)"))
+    assert line.rstrip(" |").endswith("yes"), r.stdout  # the same greedy tokens: the same weights
+    assert "Memory-bandwidth bound" in r.stdout and "of the bound" in r.stdout
+
+
+def test_harness_llama_cpp_runner(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama_cpp (pip install llama-cpp-python) is not installed")
+    r = bench("--systems", "[lit_llama,llama_cpp_f32]", env={"LIT_LLAMA_BENCH_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(l for l in r.stdout.splitlines() if l.startswith("| llama.cpp F32"))
+    # same weights, float32 KV cache: llama.cpp's greedy tokens are ours
+    assert line.rstrip(" |").endswith("yes"), r.stdout
+    assert (tmp_path / "model-f32.gguf").is_file()
