@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,eval]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,7 +24,7 @@ generate: model
 	$(BIN)/python generate.py --prompt "What is the capital of France?" --chat true --temperature 0
 
 test: install
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --reruns 1  # one retry for timing-sensitive subprocess tests
 
 clean:
 	rm -rf $(VENV) checkpoints

@@ -32,8 +32,10 @@ setup(
     extras_require={
         # openai: the official client against serve.py; fschat: FastChat's conversation templates, the
         # reference for the built-in chat templates; websocket-client: drives headless Chromium (test_web.py)
-        "test": ["pytest", "transformers>=4.45", "accelerate", "peft", "openai>=1.0", "fschat==0.2.36",
-                 "websocket-client"],
+        # triton: its interpreter checks the GPTQ kernel on CPU; llama-cpp-python: the llama.cpp peer
+        "test": ["pytest", "pytest-rerunfailures", "transformers>=4.45", "accelerate", "peft", "openai>=1.0", "fschat==0.2.36",
+                 "websocket-client", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                 "llama-cpp-python"],
         # evaluate/harness.py (EleutherAI's lm-eval) and the standard perplexity sets of evaluate/*.py
         "eval": ["lm_eval>=0.4", "datasets"],
     },

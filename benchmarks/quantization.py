@@ -90,10 +90,10 @@ def evaluate(checkpoint: Path, quantize: Optional[str], text: Path, seqlen: int,
     args += ["--quantize", quantize] if quantize else []
     args += ["--max_windows", max_windows] if max_windows else []
     r = run(args, log)
-    load = re.search(r"Loaded in ([\d.]+) s, peak memory ([\d.]+) GB", r.stderr)
+    load = re.search(r"Loaded in ([\d.]+) s, peak memory ([\d.]+) GB, weights ([\d.]+) MB", r.stderr)
     ev = re.search(r"Evaluated in ([\d.]+) s, peak memory ([\d.]+) GB", r.stderr)
     return {"ppl": float(r.stdout.strip().splitlines()[-1].split()[1]), "load_gb": float(load.group(2)),
-            "eval_gb": float(ev.group(2)), "eval_s": float(ev.group(1))}
+            "weights_mb": float(load.group(3)), "eval_gb": float(ev.group(2)), "eval_s": float(ev.group(1))}
 
 
 def seven_b_ratio(bits: int, groupsize: int = 128) -> float:
@@ -108,15 +108,16 @@ def seven_b_ratio(bits: int, groupsize: int = 128) -> float:
 
 def table(rows: list, fp16_total: int, fp16_linears: int) -> str:
     fp32 = rows[0]["ppl"]
-    lines = ["| method | checkpoint (MB) | vs fp16 checkpoint | block linears vs fp16 | peak RSS loaded (GB) "
-             "| peak RSS evaluating (GB) | perplexity | vs fp32 | quantize time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | checkpoint (MB) | vs fp16 checkpoint | block linears vs fp16 | weights in memory (MB) "
+             "| peak RSS loaded (GB) | peak RSS evaluating (GB) | perplexity | vs fp32 | quantize time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         size = f"{r['size'] / 1e6:.0f}" if r.get("size") else "(fp32 file)"
         ratio = f"{r['size'] / fp16_total:.0%}" if r.get("size") else "-"
         lin = f"{r['linear_size'] / fp16_linears:.0%}" if r.get("linear_size") else "-"
         qt = f"{r['quantize_s']:.0f} s" if r.get("quantize_s") else "-"
-        lines.append(f"| {r['label']} | {size} | {ratio} | {lin} | {r['load_gb']:.2f} | {r['eval_gb']:.2f} "
+        weights = f"{r['weights_mb']:.0f}" if r.get("weights_mb") else "-"
+        lines.append(f"| {r['label']} | {size} | {ratio} | {lin} | {weights} | {r['load_gb']:.2f} | {r['eval_gb']:.2f} "
                      f"| {r['ppl']:.3f} | {r['ppl'] / fp32 - 1:+.1%} | {qt} |")
     return "\n".join(lines)
 
@@ -129,15 +130,25 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
         out_dir: where the quantized checkpoints, the two halves of the text and the logs go.
         nsamples: GPTQ calibration windows; calib_seqlen: tokens per window.
         eval_seqlen: tokens per evaluation window; max_windows: evaluate only the first windows.
-        reuse: keep quantized checkpoints already in out_dir instead of quantizing again.
+        reuse: keep the quantized checkpoints and the rows measured (same settings) already in out_dir.
         write_docs: write the table into docs/benchmarks.md.
     """
     checkpoint_dir, out_dir = ROOT / checkpoint_dir, ROOT / out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     calib, evaluation = split_text(out_dir)
     fp16_total, fp16_linears = fp16_bytes(checkpoint_dir)
+    # rows measured before with the same settings are kept with --reuse (a long run can be resumed)
+    settings = {"checkpoint": str(checkpoint_dir), "nsamples": nsamples, "calib_seqlen": calib_seqlen,
+                "eval_seqlen": eval_seqlen, "max_windows": max_windows}
+    cache_file = out_dir / "results.json"
+    cache = json.loads(cache_file.read_text()) if reuse and cache_file.is_file() else {}
+    if cache.get("settings") != settings:
+        cache = {"settings": settings, "rows": {}}
     rows = []
     for i, (label, qargs, quantize) in enumerate(ROWS):
+        if label in cache["rows"]:
+            rows.append(cache["rows"][label])
+            continue
         row = {"label": label}
         checkpoint = checkpoint_dir
         if qargs is not None:
@@ -154,6 +165,8 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
         row.update(evaluate(checkpoint, quantize, evaluation, eval_seqlen, max_windows, out_dir / f"evaluate-{i}.log"))
         print(f"{label}: {row}", file=sys.stderr, flush=True)
         rows.append(row)
+        cache["rows"][label] = row
+        cache_file.write_text(json.dumps(cache, indent=2))
     windows = f"the first {max_windows} windows" if max_windows else "all windows"
     text = (table(rows, fp16_total, fp16_linears) + "\n\n"
             f"Perplexity over {windows} of {eval_seqlen} tokens of the second half of pydoc_data.topics; GPTQ "

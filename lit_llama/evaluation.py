@@ -81,6 +81,18 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, device, max_windows: Op
     return math.exp(nll / count)
 
 
+def weights_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers as they are held (quantized or not), each storage
+    counted once (tied weights share one)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
 def evaluation_tokens(checkpoint_dir: Path, text_file: Optional[Path], dataset: Optional[str],
                       seqlen: Optional[int]) -> Tuple[torch.Tensor, int]:
     """(token ids of the text, window length), checked before anything slow is loaded."""
@@ -113,8 +125,8 @@ def evaluate_checkpoint(checkpoint_dir: Path, wrap: Optional[Callable] = None, *
     tokens, seqlen = evaluation_tokens(checkpoint_dir, text_file, dataset, seqlen)
     t0 = time.perf_counter()
     fabric, model, _ = load_for_inference(checkpoint_dir, precision, wrap, quantize)
-    print(f"Loaded in {time.perf_counter() - t0:.1f} s, peak memory {peak_memory_gb(fabric.device):.3f} GB",
-          file=sys.stderr)
+    print(f"Loaded in {time.perf_counter() - t0:.1f} s, peak memory {peak_memory_gb(fabric.device):.3f} GB, "
+          f"weights {weights_bytes(model) / 1e6:.1f} MB", file=sys.stderr)
     t0 = time.perf_counter()
     ppl = perplexity(model, tokens, seqlen, fabric.device, max_windows,
                      log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -18,6 +18,7 @@ part of a large model and the most sensitive to quantization error.
 import ctypes
 import functools
 import json
+import logging
 import math
 import mmap
 import sys
@@ -70,8 +71,7 @@ def _linear4bit(linear: nn.Linear, mode: str, device=None) -> nn.Module:
 def _linear8bit(linear: nn.Linear, mode: str, device=None) -> nn.Module:
     from bitsandbytes.nn import Int8Params, Linear8bitLt
 
-    # bitsandbytes warns at every matmul that float32 inputs are cast to float16 for int8: expected
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+    _quiet_int8_cast_notice()
     w = linear.weight.detach()
     q = Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
@@ -81,6 +81,19 @@ def _linear8bit(linear: nn.Linear, mode: str, device=None) -> nn.Module:
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().to(device or w.device), requires_grad=False)
     return q
+
+
+class _DropCastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will be cast from" not in record.getMessage()
+
+
+def _quiet_int8_cast_notice() -> None:
+    # bitsandbytes logs at every int8 matmul that float32 inputs are cast to float16 for quantization:
+    # expected here, and one line per layer per token otherwise
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in logger.filters):
+        logger.addFilter(_DropCastNotice())
 
 
 _QUANTIZERS = {"nf4": _linear4bit, "fp4": _linear4bit, "llm.int8": _linear8bit}

@@ -27,16 +27,18 @@ def main(
     seed: int = 0,
     device: Optional[str] = None,
 ) -> None:
-    """Write a checkpoint directory whose block linear layers hold packed integer weights (two 4-bit
-    or eight 3-bit weights in three bytes, a float16 scale and an integer zero point per group);
-    load it with `--quantize gptq.int4` (or gptq.int3) in generate.py and the evaluate scripts.
+    """Quantize a checkpoint's block linear layers to packed 4-bit or 3-bit weights with GPTQ or RTN.
+
+    The output is a checkpoint directory whose layers hold packed integers (two 4-bit or eight 3-bit
+    weights in three bytes, a float16 scale and an integer zero point per group); load it with
+    `--quantize gptq.int4` (or gptq.int3) in generate.py, the generate/ and the evaluate/ scripts.
 
     Args:
         checkpoint_dir: the float checkpoint directory to quantize.
         output_dir: the checkpoint directory to write (default: checkpoint_dir-METHOD-intBITS-gGROUPSIZE).
         bits: 4 or 3.
-        groupsize: inputs sharing a scale and zero point (must divide every layer's inputs); -1 for
-            one per output row.
+        groupsize: inputs sharing a scale and zero point (a layer's last group may be shorter); -1
+            for one per output row.
         method: gptq (error feedback from calibration data) or rtn (round to nearest, no data).
         text_file: a UTF-8 text to calibrate on; the default is Python's reference documentation.
         data_dir: calibrate on a dataset prepared by scripts/prepare_*.py instead.

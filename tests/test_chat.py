@@ -130,7 +130,7 @@ class Reader(threading.Thread):
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(default_checkpoint):
-    p = subprocess.Popen([sys.executable, "chat.py", *GREEDY, "--max_new_tokens", "60"], cwd=ROOT, env=ENV,
+    p = subprocess.Popen([sys.executable, "chat.py", *GREEDY, "--max_new_tokens", "400"], cwd=ROOT, env=ENV,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = Reader(p.stdout), Reader(p.stderr)
     out.start(), err.start()

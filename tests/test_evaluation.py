@@ -231,7 +231,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    tasks = get_task_dict(["tiny_choice"], TaskManager(include_path=str(tmp_path)))
+    tasks = get_task_dict(["tiny_choice"], TaskManager(include_path=str(tmp_path), include_defaults=False))
     acc = evaluate(lm=lm, task_dict=tasks)["results"]["tiny_choice"]["acc,none"]
     # the harness's accuracy: the choice of highest log-likelihood, per document
     right = 0

@@ -217,7 +217,7 @@ def runs(checkpoints, default_checkpoint):
     src, out, tmp = checkpoints
     jobs = {"int4": (["--checkpoint_dir", out, "--quantize", "gptq.int4", "--prompt", "Hello", *GEN], None),
             "int8": (["--checkpoint_dir", default_checkpoint, "--quantize", "llm.int8", "--chat", "true",
-                      "--prompt", "What is the capital of France?", "--max_new_tokens", "12", "--temperature", "0"],
+                      "--prompt", "What is the capital of France?", "--max_new_tokens", "8", "--temperature", "0"],
                      None),
             "no-bitsandbytes": (["--checkpoint_dir", src, "--quantize", "llm.int8", *GEN], broken_bitsandbytes(tmp))}
     with ThreadPoolExecutor(max_workers=2) as pool:
