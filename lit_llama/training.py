@@ -305,14 +305,14 @@ def finetune(*, checkpoint_dir: Path, data_dir: Path, out_dir: Path, args: Train
     val_batches = InstructionBatches(val, args.micro_batch_size, seed=seed, pad_id=pad) if val else None
     sample = instruction_sampler(model, tokenizer, fabric.device) if fabric.world_size == 1 else None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    template = meta.get("template", "alpaca")
-    if fabric.global_rank == 0:  # chat.py / serve.py use the format the model was finetuned on
-        save_template_name(out_dir, template)
     result = fit(fabric, model, optimizer, train_batches, val_batches, args, out_dir, resume=resume,
                  trainable_only=trainable_only, sample=sample)
     save_final(fabric, model, Path(out_dir))
-    if fabric.global_rank == 0 and (Path(out_dir) / "final").is_dir():  # full finetuning's checkpoint
-        save_template_name(Path(out_dir) / "final", template)
+    if fabric.global_rank == 0:  # chat.py / serve.py use the format the model was finetuned on
+        template = meta.get("template", "alpaca")
+        save_template_name(out_dir, template)
+        if (Path(out_dir) / "final").is_dir():  # full finetuning's checkpoint directory
+            save_template_name(Path(out_dir) / "final", template)
     return result
 
 
