@@ -11,6 +11,7 @@ it into docs/benchmarks.md under "Quantization".
 """
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -133,6 +134,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
         reuse: keep the quantized checkpoints and the rows measured (same settings) already in out_dir.
         write_docs: write the table into docs/benchmarks.md.
     """
+    load_before = os.getloadavg()[0]
     checkpoint_dir, out_dir = ROOT / checkpoint_dir, ROOT / out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     calib, evaluation = split_text(out_dir)
@@ -168,13 +170,18 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
         cache["rows"][label] = row
         cache_file.write_text(json.dumps(cache, indent=2))
     windows = f"the first {max_windows} windows" if max_windows else "all windows"
+    load = f"{load_before:.1f} before the run and {os.getloadavg()[0]:.1f} at its end on {os.cpu_count()} cores"
     text = (table(rows, fp16_total, fp16_linears) + "\n\n"
             f"Perplexity over {windows} of {eval_seqlen} tokens of the second half of pydoc_data.topics; GPTQ "
-            f"calibrated on {nsamples} windows of {calib_seqlen} tokens of the first half. Peak RSS is the "
-            f"evaluating process's (ru_maxrss: memory-mapped weights count once touched). fp16 checkpoint: "
-            f"{fp16_total / 1e6:.0f} MB, of which the tied embedding is the float16 part the packed checkpoints "
-            f"keep. A LLaMA-7B packed the same way would be {seven_b_ratio(4):.0%} (4-bit) and "
-            f"{seven_b_ratio(3):.0%} (3-bit) of its fp16 checkpoint.")
+            f"calibrated on {nsamples} windows of {calib_seqlen} tokens of the first half. Weights in memory: "
+            "the loaded model's parameters and buffers (int8 and packed layers, float32 embedding and norms). "
+            "Peak RSS (ru_maxrss) of the evaluating process: once loaded, and at the end; the float32 "
+            "checkpoint is memory-mapped, so its weights count only once read. The packed checkpoints keep "
+            f"the embedding and norms ({1 - fp16_linears / fp16_total:.0%} of the parameters here) in float16: "
+            f"fp16 checkpoint {fp16_total / 1e6:.0f} MB, block linears {fp16_linears / 1e6:.0f} MB of it. "
+            "A LLaMA-7B packed the same way would be "
+            f"{seven_b_ratio(4):.0%} (4-bit) and {seven_b_ratio(3):.0%} (3-bit) of its fp16 checkpoint. "
+            f"Times are wall-clock on a shared machine (load average {load}).")
     print(text)
     if write_docs:
         from benchmarks.report import write_section

@@ -36,7 +36,8 @@ class LitLLaMALM(TemplateLM):
         from lit_llama.generation import load_for_inference
 
         self.fabric, self.model, self.tokenizer = load_for_inference(Path(checkpoint_dir), precision, wrap, quantize)
-        self.max_length = int(max_length or self.model.config.block_size)
+        block_size = self.model.config.block_size
+        self.max_length = min(int(max_length or block_size), block_size)
         self.max_gen_toks = int(max_gen_toks)
 
     @property
