@@ -131,7 +131,7 @@ def main(
     prompts = load_prompts(prompts_file, tokenizer, checkpoint_dir, max_prompt_length)
     reward_dir = reward_checkpoint_dir or checkpoint_dir
     fabric = make_fabric(precision)
-    fabric.seed_everything(seed)
+    fabric.seed_everything(seed, verbose=False)
     half = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(fabric.strategy.precision.precision))
     reward_model = load_reward_model(reward_dir, reward_path, fabric.device, half)
     reward_tokenizer = tokenizer if reward_checkpoint_dir is None else Tokenizer(reward_dir)
