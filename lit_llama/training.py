@@ -66,16 +66,55 @@ def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optim
                              betas=(args.beta1, args.beta2))
 
 
+def lm_loss(model, batch) -> torch.Tensor:
+    """The default `compute_loss`: next-token cross-entropy of an (inputs, targets) batch."""
+    x, y = batch
+    return loss_fn(model(x), y)
+
+
+def split_loss(out) -> Tuple[torch.Tensor, dict]:
+    """(loss, metrics) of what a `compute_loss` returned: a loss tensor, or (loss, {name: value})."""
+    if isinstance(out, (tuple, list)):
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def batch_tokens(batch) -> int:
+    """Tokens in a batch, for the throughput line: the inputs of an (inputs, targets) pair, or the
+    2-D integer tensors of a dict (e.g. the token ids of preference pairs)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, (tuple, list)):
+        return batch_tokens(batch[0]) if batch else 0
+    if isinstance(batch, dict):
+        return sum(v.numel() for v in batch.values()
+                   if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point())
+    return 0
+
+
 @torch.no_grad()
-def validate(fabric, model, val_batches: Optional[Batches], eval_iters: int) -> Optional[float]:
+def validate_metrics(fabric, model, val_batches: Optional[Batches], eval_iters: int,
+                     compute_loss: Optional[Callable] = None) -> Optional[dict]:
+    """{"loss": mean validation loss, plus the mean of every metric `compute_loss` reports}."""
     if val_batches is None or eval_iters < 1:
         return None
+    compute_loss = compute_loss or lm_loss
     model.eval()
     # the ranks split the validation batches (index i*world + rank, like training) and average
     indices = (i * fabric.world_size + fabric.global_rank for i in range(eval_iters))
-    losses = [loss_fn(model(x), y) for x, y in (fabric.to_device(val_batches(i)) for i in indices)]
+    values = {}
+    for batch in (fabric.to_device(val_batches(i)) for i in indices):
+        loss, metrics = split_loss(compute_loss(model, batch))
+        for k, v in {"loss": loss, **metrics}.items():
+            values.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32, device=loss.device).detach())
     model.train()
-    return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
+    return {k: fabric.all_reduce(torch.stack(v).mean(), reduce_op="mean").item() for k, v in values.items()}
+
+
+def validate(fabric, model, val_batches: Optional[Batches], eval_iters: int,
+             compute_loss: Optional[Callable] = None) -> Optional[float]:
+    metrics = validate_metrics(fabric, model, val_batches, eval_iters, compute_loss)
+    return None if metrics is None else metrics["loss"]
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
@@ -141,13 +180,18 @@ def load_training_state(fabric, out_dir: Path, state: dict, trainable_only: bool
 def fit(fabric, model, optimizer, train_batches: Batches, val_batches: Optional[Batches], args: TrainArgs,
         out_dir: Path, *, resume: bool = False, trainable_only: bool = False,
         sample: Optional[Callable[[], str]] = None, flops_per_token: Optional[float] = None,
-        on_save: Optional[Callable[[int], None]] = None) -> dict:
+        on_save: Optional[Callable[[int], None]] = None, compute_loss: Optional[Callable] = None) -> dict:
     """Train `model` (already set up with Fabric) for args.max_iters optimizer steps.
 
+    `compute_loss(model, batch)` gives the loss of a micro-batch (any tuple or dict of tensors that
+    `fabric.to_device` moves): a tensor, or (tensor, {name: scalar}) whose metrics are averaged and
+    printed at each validation; the default is the language-model loss of (inputs, targets).
     `flops_per_token` (training FLOPs of one token) adds the MFU to the progress line where the
     device's peak is known; `on_save(step)` runs after each training checkpoint."""
     out_dir = Path(out_dir)
+    compute_loss = compute_loss or lm_loss
     accum = args.accumulation_steps(fabric.world_size)
+    val_metrics = None
     state = {"model": model, "optimizer": optimizer, "step": 0, "args": asdict(args)}
     if resume:
         load_training_state(fabric, out_dir, state, trainable_only)
@@ -162,12 +206,12 @@ def fit(fabric, model, optimizer, train_batches: Batches, val_batches: Optional[
         loss_sum = 0.0
         for micro in range(accum):
             # micro-batches are indexed globally, so each rank and each resume sees its own share
-            x, y = fabric.to_device(train_batches((step * accum + micro) * fabric.world_size + fabric.global_rank))
+            batch = fabric.to_device(train_batches((step * accum + micro) * fabric.world_size + fabric.global_rank))
             with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                loss = loss_fn(model(x), y)
+                loss, _ = split_loss(compute_loss(model, batch))
                 fabric.backward(loss / accum)
             loss_sum += loss.item() / accum
-            tokens += x.numel() * fabric.world_size
+            tokens += batch_tokens(batch) * fabric.world_size
         if args.grad_clip > 0:
             fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
         optimizer.step()
@@ -177,10 +221,11 @@ def fit(fabric, model, optimizer, train_batches: Batches, val_batches: Optional[
         if state["step"] % args.log_interval == 0 or state["step"] == args.max_iters:
             meter.log(state["step"], loss_sum, tokens)
         if state["step"] % args.eval_interval == 0 or state["step"] == args.max_iters:
-            val_loss = validate(fabric, model, val_batches, args.eval_iters)
-            if val_loss is not None:
-                fabric.print(f"step {state['step']}: val loss {val_loss:.4f}")
-                fabric.log_dict({"val_loss": val_loss}, step=state["step"])
+            val_metrics = validate_metrics(fabric, model, val_batches, args.eval_iters, compute_loss)
+            if val_metrics is not None:
+                extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items() if k != "loss")
+                fabric.print(f"step {state['step']}: val loss {val_metrics['loss']:.4f}{extra}")
+                fabric.log_dict({f"val_{k}": v for k, v in val_metrics.items()}, step=state["step"])
             if sample is not None:
                 model.eval()
                 fabric.print(f"sample: {sample()!r}")
@@ -189,7 +234,7 @@ def fit(fabric, model, optimizer, train_batches: Batches, val_batches: Optional[
             save_training_state(fabric, out_dir, state, trainable_only)
             if on_save is not None:
                 on_save(state["step"])
-    return {"losses": history, "step": state["step"]}
+    return {"losses": history, "step": state["step"], "val": val_metrics}
 
 
 class Throughput:
