@@ -137,9 +137,10 @@ class LitRunner:
         from lit_llama.generation import compile_decode_step, decode_step
 
         if spec["model"] == "embedded":
-            from lit_llama.checkpoint import load_model
+            from lit_llama.generation import load_for_inference
 
-            self.model = load_model(Path(spec["checkpoint"])).eval().to(device)
+            # what generate.py runs: the same loading (and CPU weight layout)
+            _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), "32-true")
         else:
             self.model = random_lit_model(spec["model"].split(":", 1)[1], device, getattr(torch, spec["dtype"]))
         self.device = device

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, run_script
 from lit_llama.checkpoint import load_model
-from lit_llama.generation import compile_decode_step, decode_step, generate
+from lit_llama.generation import compile_decode_step, decode_step, generate, load_for_inference
 from lit_llama.tokenizer import Tokenizer
 
 N = 32
@@ -26,7 +26,22 @@ TEXT = ("The Eiffel Tower, completed in 1889 for the World's Fair, is a wrought-
 
 @pytest.fixture(scope="module")
 def model(default_checkpoint):
-    return load_model(default_checkpoint).eval()
+    # what generate.py runs, CPU weight layout included
+    _, model, _ = load_for_inference(default_checkpoint, "32-true")
+    return model.module
+
+
+def test_decode_layout_changes_strides_not_results(default_checkpoint, model):
+    plain = load_model(default_checkpoint).eval()
+    attn, mlp = model.transformer.h[0].attn, model.transformer.h[0].mlp
+    # wide matrices column-major, narrow ones (and the plain model's) row-major
+    assert attn.c_attn.weight.stride() == (1, attn.c_attn.weight.size(0))
+    assert mlp.c_fc1.weight.stride() == (1, mlp.c_fc1.weight.size(0))
+    assert model.transformer.wte.weight.stride() == (1, model.transformer.wte.weight.size(0))
+    assert mlp.c_proj.weight.is_contiguous() and plain.transformer.h[0].mlp.c_fc1.weight.is_contiguous()
+    idx = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), plain(idx), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
