@@ -176,16 +176,23 @@ def sentences(text: str, min_words: int = 3) -> List[str]:
     return [s for s in out if len(s.split()) >= min_words]
 
 
+def ngrams(text: str, n: int = 3) -> set:
+    words = normalise(text).split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
 def degenerate_reason(dialogue: Sequence[dict], max_repeated_ngrams: float = 0.5, min_exchanges: int = 1,
-                      context: Sequence[str] = EXAMPLE_TURNS) -> Optional[str]:
+                      context: Sequence[str] = EXAMPLE_TURNS, max_overlap: float = 0.6) -> Optional[str]:
     """Why a cleaned dialogue is not worth keeping, or None: fewer than `min_exchanges` complete
     exchanges; an empty turn; a turn repeated verbatim (or copying a turn of `context`, the
-    instruction's example); a sentence of 3+ words said twice; a turn mostly made of repeated 3-grams."""
+    instruction's example); a sentence of 3+ words said twice; a turn mostly made of repeated 3-grams;
+    a turn of 4+ 3-grams more than `max_overlap` of which an earlier turn has (a near-repeat)."""
     exchanges = sum(m["role"] == "assistant" for m in dialogue)
     if exchanges < min_exchanges:
         return f"fewer than {min_exchanges} complete exchange{'s' * (min_exchanges > 1)}"
     seen = {normalise(c) for c in context}
     seen_sentences = {s for c in context for s in sentences(c)}
+    earlier: List[set] = []
     for m in dialogue:
         key = normalise(m["content"])
         if not key:
@@ -199,6 +206,10 @@ def degenerate_reason(dialogue: Sequence[dict], max_repeated_ngrams: float = 0.5
             seen_sentences.add(s)
         if repeated_ngram_fraction(m["content"]) > max_repeated_ngrams:
             return "a turn of mostly repeated phrases"
+        grams = ngrams(m["content"])
+        if len(grams) >= 4 and any(len(grams & g) > max_overlap * len(grams) for g in earlier):
+            return "a turn nearly repeating an earlier one"
+        earlier.append(grams)
     return None
 
 
@@ -488,8 +499,8 @@ def run_self_distill(prompts: Sequence[str], output_path: Path, sample: Callable
                      keep_samples: bool = False) -> Dict[str, int]:
     """For each prompt not yet in `output_path`: `sample(messages)` gives (answers, tokens), `score(messages,
     answers)` a score per answer; the best answer is appended as {"prompt", "dialogue", "instruction",
-    "output", "score"} (prepare_chat.py and prepare_alpaca.py both read it). Empty answers are never kept
-    (scored -inf); a prompt whose answers are all empty is skipped and not remembered."""
+    "output", "score"} (prepare_chat.py and prepare_alpaca.py both read it). Empty answers are never kept,
+    whatever their score; a prompt whose answers are all empty is skipped and not remembered."""
     output_path = Path(output_path)
     done = {r.get("prompt") for r in read_jsonl_resume(output_path)}
     todo = [p for p in prompts if p not in done]
@@ -504,16 +515,16 @@ def run_self_distill(prompts: Sequence[str], output_path: Path, sample: Callable
             messages = [{"role": "user", "content": p}]
             answers, n = sample(messages)
             tokens += n
-            scores = torch.as_tensor(list(score(messages, answers)), dtype=torch.float32).flatten()
-            scores = torch.where(torch.tensor([bool(a.strip()) for a in answers]), scores, torch.tensor(float("-inf")))
-            i, s = best_of(answers, scores)
+            raw = torch.as_tensor(list(score(messages, answers)), dtype=torch.float32).flatten()
+            nonempty = torch.tensor([bool(a.strip()) for a in answers])
+            i, s = best_of(answers, torch.where(nonempty, raw, torch.tensor(float("-inf"))))
             if not answers[i].strip():
                 counts["empty"] += 1
             else:
                 record = {"prompt": p, "dialogue": messages + [{"role": "assistant", "content": answers[i]}],
                           "instruction": p, "input": "", "output": answers[i], "score": s}
                 if keep_samples:
-                    record["samples"] = [{"text": a, "score": float(x)} for a, x in zip(answers, scores)]
+                    record["samples"] = [{"text": a, "score": float(x)} for a, x in zip(answers, raw)]
                 writer.write(record)
                 counts["kept"] += 1
             progress.step(tokens, f"(best score {s:.3f}) ")

@@ -105,7 +105,10 @@ def test_incomplete_last_turn_is_dropped_and_tags_stripped():
     (["Hello!", "Tea is a drink."], "a turn repeated verbatim"),  # copies the instruction's example
     (["What is tea?", "Tea is a drink made from leaves. Tea is a drink made from leaves."], "a sentence repeated"),
     (["What is tea?", "the cup of the tea the cup of the tea the cup of the tea the cup"], "mostly repeated"),
-    (["What is tea?", "Tea is a drink made from the leaves of the tea plant, served hot or iced."], None),
+    (["Basil?", "I think it might be a bit too hot, I'd recommend indoor gardening.", "Why?",
+      "I think it's a bit too hot, I'd recommend indoor gardening."], "nearly repeating"),
+    (["What is tea?", "Tea is a drink made from the leaves of the tea plant, served hot or iced.",
+      "Is it healthy?", "In moderation, tea is a healthy drink for most people."], None),
 ])
 def test_degenerate_dialogues(contents, reason):
     dialogue = [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
@@ -184,6 +187,8 @@ def test_bad_seeds_are_one_line_errors_and_write_nothing(tmp_path, content, expe
     r = run_script("scripts/self_chat.py", "--seeds_file", seeds, "--output_path", out, env=ENV)
     assert expected in _one_error_line(r)
     assert not (tmp_path / "out").exists()
+    if content != "\n  \n\t\n":
+        return
     # an existing output is left as it was
     out.parent.mkdir()
     out.write_text('{"seed": "kept"}\n')
@@ -218,7 +223,7 @@ def test_self_distill_keeps_the_best_scored_sample(tmp_path):
     assert [r["output"] for r in rows] == ["a much longer answer", "yy"]
     assert rows[0]["dialogue"] == [{"role": "user", "content": "Q1"},
                                    {"role": "assistant", "content": "a much longer answer"}]
-    assert rows[0]["score"] == 20.0 and [s["score"] for s in rows[0]["samples"]][2] == float("-inf")
+    assert rows[0]["score"] == 20.0 and [s["score"] for s in rows[0]["samples"]] == [5.0, 20.0, 100.0, 7.0]
     counts = run_self_distill(["Q1", "Q2", "Q4"], out, lambda m: (["z"], 1), lambda m, s: [0.0])
     assert counts["skipped"] == 2 and _lines(out)[-1]["prompt"] == "Q4"
     # what prepare_chat.py reads
@@ -258,3 +263,34 @@ def test_self_distill_cli(tmp_path):
     assert "does not exist" in _one_error_line(r) and not (tmp_path / "o.jsonl").exists()
     r = run_script("scripts/self_chat.py", "--help")
     assert r.returncode == 0 and "--seeds_file" in r.stdout and "--max_turns" in r.stdout
+
+
+def test_self_distill_cli_with_a_reward_model(tmp_path, default_checkpoint):
+    """The whole script with lit_llama/reward.py's model (random weights on a tiny base): every sample
+    is scored by score(), and the kept answer is the best one."""
+    from lit_llama.checkpoint import save_checkpoint
+    from lit_llama.lora import LoRAConfig
+    from lit_llama.model import Config, LLaMA
+    from lit_llama.reward import build_reward_model, load_reward_model, save_reward_model, score
+    from lit_llama.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tiny = tmp_path / "tiny"
+    save_checkpoint(tiny, LLaMA(Config.from_name("tiny", vocab_size=49152)), tokenizer_dir=default_checkpoint)
+    reward = build_reward_model(LLaMA(Config.from_name("tiny", vocab_size=49152)), LoRAConfig())
+    torch.nn.init.normal_(reward.head.weight, std=1.0)
+    save_reward_model(reward, tmp_path / "reward", base_dir=tiny)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"question": "Name a color."}) + "\n")
+    out = tmp_path / "best.jsonl"
+    r = run_script("scripts/self_distill.py", "--prompts_file", tmp_path / "p.jsonl", "--reward_path",
+                   tmp_path / "reward", "--checkpoint_dir", tiny, "--output_path", out, "--num_samples", "3",
+                   "--max_new_tokens", "6", "--temperature", "1.5", "--keep_samples", "true", env=ENV)
+    assert r.returncode == 0, r.stderr
+    row = _lines(out)[0]
+    texts = [f"Question: Name a color.\n\nAnswer: {s['text']}" for s in row["samples"]]
+    expected = score(load_reward_model(tiny, tmp_path / "reward"), Tokenizer(tiny), texts)
+    assert [s["score"] for s in row["samples"]] == pytest.approx(expected.tolist(), abs=1e-4)
+    nonempty = [i for i, s in enumerate(row["samples"]) if s["text"]]
+    best = max(nonempty, key=lambda i: expected[i])
+    assert row["output"] == row["samples"][best]["text"] and row["score"] == pytest.approx(float(expected[best]), abs=1e-4)
+    assert "[1/1] prompts" in r.stderr and "tokens/s" in r.stderr
