@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.generation import (check_sampling_args, compile_decode_step, decode_step, load_for_inference,
-                                  peak_memory_gb, print_completion)
+                                  peak_memory_gb, print_completion, warm_up)
 from lit_llama.utils import run_cli
 
 
@@ -49,7 +49,11 @@ def main(
     fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, quantize=quantize)
     if chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    step = compile_decode_step(fabric.device) if compile else decode_step
+    step = decode_step
+    if compile:
+        step = compile_decode_step(fabric.device)
+        length = len(tokenizer.encode(prompt)) + max_new_tokens
+        print(f"Compiled the decode step in {warm_up(model, step, fabric.device, length):.1f} s", file=sys.stderr)
     fabric.seed_everything(seed, verbose=False)
     for _ in range(num_samples):
         print_completion(model, tokenizer, prompt, fabric.device, max_new_tokens, temperature=temperature,

@@ -170,7 +170,7 @@ def main(
     history = train(policy, optimizer, [ids for _, ids in prompts], reward_fn, config, steps, stop_ids=stop_ids,
                     pad_id=tokenizer.eos_id or 0, fabric=fabric, log_interval=log_interval,
                     save_interval=save_interval, on_save=on_save, log=fabric.print)
-    first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
+    first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     fabric.print(f"mean score {mean(first, 'score'):.3f} (first {len(first)} steps) -> {mean(last, 'score'):.3f} "
                  f"(last {len(last)}); KL {mean(last, 'kl'):.3f}")

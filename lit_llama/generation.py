@@ -51,6 +51,19 @@ def compile_decode_step(device: torch.device) -> Callable:
     return torch.compile(decode_step, fullgraph=True, dynamic=False, options={"freezing": True})
 
 
+@torch.inference_mode()
+def warm_up(model: LLaMA, step: Callable, device, length: int) -> float:
+    """Run (and so compile) `step` once on a KV cache sized for `length` positions, so that the
+    compilation is not counted in the first generation's speed; returns the seconds it took. The
+    cache content it leaves is overwritten by the next prompt (positions are written before read)."""
+    import time
+
+    t0 = time.perf_counter()
+    prepare_cache(model, length)
+    step(model, torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    return time.perf_counter() - t0
+
+
 def decode_layout(model: torch.nn.Module) -> torch.nn.Module:
     """Store the wide float matrices (more outputs than inputs: the fused QKV, the MLP's input
     projections, the head / tied embedding) column-major, for CPU decoding.
@@ -58,12 +71,17 @@ def decode_layout(model: torch.nn.Module) -> torch.nn.Module:
     At batch 1 every step is a matrix-vector product bound by memory bandwidth; MKL's kernel for
     x @ W.T streams a column-major W (W.T contiguous) 1.2-1.9x faster than a row-major one for these
     shapes (measured on AMD EPYC, see docs/benchmarks.md), and slower for the narrow ones. Same
-    values, same shapes, only the strides change, so every other piece of code is unaffected."""
+    values, same shapes, only the strides change, so every other piece of code is unaffected. The
+    memory-mapped pages of the row-major originals are given back, so peak memory stays one model."""
+    from lit_llama.quantization import release_mapped_pages
+
     for module in model.modules():
         w = getattr(module, "weight", None)
         if type(module) in (torch.nn.Linear, torch.nn.Embedding) and w is not None and w.dim() == 2 \
                 and w.is_floating_point() and w.size(0) > w.size(1) and w.is_contiguous():
-            module.weight.data = w.data.t().contiguous().t()
+            old = w.data
+            w.data = old.t().contiguous().t()
+            release_mapped_pages(old)
     return model
 
 

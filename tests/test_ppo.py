@@ -400,3 +400,23 @@ def test_cli_bad_input_in_a_subprocess_is_one_line(tmp_path, ckpts):
     assert r.returncode == 1
     assert r.stderr.startswith("error:") and "holds no prompts" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_files_in_every_form(tmp_path):
+    from lit_llama.ppo import read_prompt_texts
+    from lit_llama.prompts import instruction_prompt
+    from lit_llama.utils import UserError
+
+    rows = ["plain text", {"prompt": "verbatim: "}, {"question": "Why?", "response_j": "a", "response_k": "b"},
+            {"instruction": "Do it.", "input": "now"}, {"prompt": "verbatim: ", "chosen": "x", "rejected": "y"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    expected = ["plain text", "verbatim: ", "Question: Why?\n\nAnswer: ", instruction_prompt("Do it.", "now")]
+    assert read_prompt_texts(tmp_path / "p.jsonl") == expected  # the repeated prompt is kept once
+    assert read_prompt_texts(tmp_path / "p.json") == expected
+    (tmp_path / "bad.json").write_text(json.dumps([{"answer": 1}]))
+    with pytest.raises(UserError, match="record 0 is neither"):
+        read_prompt_texts(tmp_path / "bad.json")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="holds no prompts"):
+        read_prompt_texts(tmp_path / "blank.jsonl")
