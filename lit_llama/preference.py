@@ -44,16 +44,19 @@ def read_preference_file(path: Path) -> List[Dict[str, str]]:
         text = (gzip.decompress(raw_bytes) if raw_bytes[:2] == b"\x1f\x8b" else raw_bytes).decode("utf-8")
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise UserError(f"{path} is not UTF-8 JSON or JSONL ({e})")
-    try:
-        if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):
+        try:
             raw = json.loads(text)
-        else:
-            raw = []
-            for i, line in enumerate(text.splitlines()):
-                if line.strip():
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not JSON ({e})")
+    else:
+        raw = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
                     raw.append(json.loads(line))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not JSON or JSONL ({e})")
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {n} is not JSON ({e.msg}, column {e.colno})")
     if not raw:
         raise UserError(f"{path} holds no records")
     return [normalise_row(r, path, i) for i, r in enumerate(raw)]
@@ -180,11 +183,15 @@ def prepare_preferences(checkpoint_dir: Path, destination_path: Path, data_file_
                                    val_fraction, seed, source=str(path))
 
 
-def load_preference_data(data_dir: Path, checkpoint_dir: Path, block_size: Optional[int] = None) -> Tuple[list, list, dict]:
+def load_preference_data(data_dir: Path, checkpoint_dir: Path,
+                         block_size: Optional[int] = None) -> Tuple[list, list, dict]:
+    """(train pairs, validation pairs, meta) of a prepared folder, checked against the tokenizer
+    and, given `block_size`, the model's context."""
     data_dir = Path(data_dir)
     missing = [f for f in ("train.pt", "val.pt", "meta.json") if not (data_dir / f).is_file()]
     if missing:
-        raise UserError(f"data directory {data_dir} lacks {', '.join(missing)} (run scripts/prepare_preferences.py first)")
+        raise UserError(f"data directory {data_dir} lacks {', '.join(missing)} "
+                        f"(run scripts/prepare_preferences.py first)")
     try:
         meta = json.loads((data_dir / "meta.json").read_text())
     except json.JSONDecodeError:

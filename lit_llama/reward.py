@@ -198,7 +198,10 @@ def main(
     if texts_file is not None:
         raw = Path(texts_file).read_text(encoding="utf-8")
         try:
-            items = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(l) for l in raw.splitlines() if l.strip()]
+            if raw.lstrip().startswith("["):
+                items = json.loads(raw)
+            else:
+                items = [json.loads(line) for line in raw.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise UserError(f"{texts_file} is not a JSON list or JSON lines of strings ({e})")
         if not all(isinstance(t, str) for t in items):

@@ -16,7 +16,7 @@ from lit_llama.checkpoint import CheckpointError, save_checkpoint
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import Config, LLaMA
 from lit_llama.preference import collate_pairs, encode_pair, read_preference_file
-from lit_llama.reward import (REWARD_FILE, RewardModel, build_reward_model, load_reward_model, pairwise_loss,
+from lit_llama.reward import (REWARD_FILE, build_reward_model, load_reward_model, pairwise_loss,
                               save_reward_model, score)
 from lit_llama.tokenizer import Tokenizer
 
