@@ -119,6 +119,7 @@ def _one_error_line(r):
 @pytest.mark.parametrize("content, expected", [
     ("", "holds no records"),
     ("[]", "holds no records"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{oops', "line 2 is not JSON"),
     ('{"question": "q", "response_j": "a", "response_k": "b"}\n{"question": "q", "response_j": "a"}', "row 1 lacks"),
     ('[{"prompt": "p", "chosen": "same", "rejected": "x"}, {"prompt": "p", "chosen": "same", "rejected": "same"}]',
      "row 1 has identical chosen and rejected"),
