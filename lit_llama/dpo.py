@@ -8,7 +8,6 @@ bypassed (`lora_disabled`), so no second copy of the weights is held. For a pair
 where each log-probability is the sum over the answer's tokens only (the prompt is masked).
 """
 
-import contextlib
 from typing import Dict, Iterator, Tuple
 
 import torch
@@ -16,24 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.data import IGNORE_INDEX
-from lit_llama.lora import LORA_MODULES
+from lit_llama.lora import lora_disabled
 from lit_llama.preference import response_targets
-
-
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block every LoRA module computes its frozen base layer only, exactly (the branch
-    is skipped, not multiplied by zero). Works through Fabric's and other wrappers."""
-    modules = [m for m in model.modules() if isinstance(m, LORA_MODULES)]
-    if not modules:
-        raise ValueError("the model has no LoRA modules to disable")
-    try:
-        for m in modules:
-            m.forward = m.base.forward  # an instance attribute: nn.Module.__call__ finds it first
-        yield model
-    finally:
-        for m in modules:
-            m.__dict__.pop("forward", None)
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

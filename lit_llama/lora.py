@@ -10,10 +10,11 @@ QLoRA) instead of patching nn.Linear, so `merge_lora` can fold the update into t
 the plain modules back, leaving an ordinary LLaMA.
 """
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,12 +65,15 @@ class LoRALinear(nn.Module):
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
         self.lora_A, self.lora_B = _new_lora_pair(base, r, base.out_features)
+        self.disabled = False  # set by `lora_disabled`: the base layer alone
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         _reset_pair(self.lora_A, self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
@@ -93,6 +97,7 @@ class LoRAQKVLinear(nn.Module):
         pairs = {p: _new_lora_pair(base, r, sizes[p]) for p in enabled}
         self.lora_A = nn.ParameterDict({p: A for p, (A, _) in pairs.items()})
         self.lora_B = nn.ParameterDict({p: B for p, (_, B) in pairs.items()})
+        self.disabled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,6 +105,8 @@ class LoRAQKVLinear(nn.Module):
             _reset_pair(self.lora_A[p], self.lora_B[p])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         parts = dict(zip(self.sizes, self.base(x).split(list(self.sizes.values()), dim=-1)))
         x = self.dropout(x)
         for p in self.lora_A:
@@ -115,6 +122,23 @@ class LoRAQKVLinear(nn.Module):
 
 
 LORA_MODULES = (LoRALinear, LoRAQKVLinear)
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRA module computes its frozen base layer only, exactly (the branch
+    is skipped, not multiplied by zero): the reference model of DPO and PPO without a second copy
+    of the weights. Works through Fabric's and other wrappers."""
+    modules = [m for m in model.modules() if isinstance(m, LORA_MODULES)]
+    if not modules:
+        raise ValueError("the model has no LoRA modules to disable")
+    try:
+        for m in modules:
+            m.disabled = True
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def add_lora(model: LLaMA, config: LoRAConfig) -> LLaMA:

@@ -212,24 +212,38 @@ class LLaMA(nn.Module):
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for token ids `idx` (B, T). With `input_pos` (T,), the positions of `idx`, the KV
         cache is read and filled; without it, a plain causal forward pass (training)."""
+        return self.logits(self.hidden_states(idx, input_pos))
+
+    def hidden_states(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                      positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T, n_embd), for heads other than the vocabulary (reward
+        and value heads). `positions` (B, T) and `mask` (B, 1, T, keys; True: attend) replace the
+        rotary positions and the causal mask where rows differ, e.g. left-padded rows that count
+        from their first real token and must not see their padding."""
         T = idx.size(1)
         c = self.config
         if input_pos is None:
             if T > c.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context ({c.block_size})")
-            pos, mask = torch.arange(T, device=idx.device), None
+            pos = torch.arange(T, device=idx.device)
         else:
             pos = input_pos
-            kv_len = self.transformer.h[0].attn.kv_cache.k.size(2)
-            mask = pos[:, None] >= torch.arange(kv_len, device=idx.device)[None, :]
+            if mask is None:
+                kv_len = self.transformer.h[0].attn.kv_cache.k.size(2)
+                mask = pos[:, None] >= torch.arange(kv_len, device=idx.device)[None, :]
+        pos = pos if positions is None else positions
         x = self.transformer.wte(idx)
-        cos, sin = rope_cos_sin(pos, c.head_size, c.rope_base, x.dtype)
+        cos, sin = rope_cos_sin(pos.flatten(), c.head_size, c.rope_base, x.dtype)
+        if pos.dim() == 2:  # one row of positions per sequence: broadcast over the heads
+            cos, sin = cos.view(pos.size(0), 1, T, -1), sin.view(pos.size(0), 1, T, -1)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         # the padding rows are never a valid token: skip them (and return a fresh tensor, not a view)
         head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head[: c.vocab_size])
+        return F.linear(x, head[: self.config.vocab_size])
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
         max_seq_length = max_seq_length or self.config.block_size

@@ -18,7 +18,6 @@ weights. Prompts are left-padded into one batch: each row gets its own rotary po
 attention mask that hides its padding, so batched generation equals one-at-a-time generation.
 """
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.generation import sample
-from lit_llama.lora import LORA_MODULES
-from lit_llama.model import LLaMA, rope_cos_sin
+from lit_llama.lora import lora_disabled
+from lit_llama.model import LLaMA
 from lit_llama.utils import UserError
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -95,7 +94,7 @@ class PolicyWithValueHead(nn.Module):
         """(logits, values) of positions start:end of left-padded `idx`; `pad` (B,) is each row's
         number of padding tokens. Slicing before the head saves a (B, T, vocab) tensor."""
         hidden = hidden_states(self.model, idx, pad, input_pos)[:, start:end]
-        return head_logits(self.model, hidden), self.value_head(hidden).squeeze(-1)
+        return self.model.logits(hidden), self.value_head(hidden).squeeze(-1)
 
 
 def hidden_states(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor,
@@ -118,33 +117,7 @@ def hidden_states(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor,
     # a padding slot attends to itself only: a row with nothing to attend to would give NaN
     itself = slots[:, None] == key_slots[None, :]
     mask = (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]  # (B, 1, T, K)
-    x = model.transformer.wte(idx)
-    cos, sin = rope_cos_sin(pos.flatten(), c.head_size, c.rope_base, x.dtype)
-    cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # broadcast over heads
-    for block in model.transformer.h:
-        x = block(x, cos, sin, mask, input_pos)
-    return model.transformer.ln_f(x)
-
-
-def head_logits(model: LLaMA, hidden: torch.Tensor) -> torch.Tensor:
-    # as LLaMA.forward: tied or separate head, padding rows of the vocabulary skipped
-    head = model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight
-    return F.linear(hidden, head[: model.config.vocab_size])
-
-
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module) -> Iterator[None]:
-    """The reference model: the LoRA updates scaled by 0, so every adapted layer computes exactly
-    its frozen base weight (base(x) + 0). No second copy of the weights is needed."""
-    modules = [m for m in model.modules() if isinstance(m, LORA_MODULES)]
-    scales = [m.scale for m in modules]
-    try:
-        for m in modules:
-            m.scale = 0.0
-        yield
-    finally:
-        for m, s in zip(modules, scales):
-            m.scale = s
+    return model.hidden_states(idx, input_pos, positions=pos, mask=mask)
 
 
 # ---------------------------------------------------------------- rollouts

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lit_llama.checkpoint import CheckpointError, load_weights_file, save_weights_file
 from lit_llama.lora import LoRAConfig, add_lora, lora_state_dict
-from lit_llama.model import Config, LLaMA, rope_cos_sin
+from lit_llama.model import Config, LLaMA
 
 REWARD_FILE = "lit_reward.safetensors"
 KIND = "reward_model"
@@ -42,15 +42,7 @@ class RewardModel(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """The body's final-norm hidden states (B, T, n_embd): LLaMA.forward without the output head."""
-        m, c = self.model, self.config
-        T = idx.size(1)
-        if T > c.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the context ({c.block_size})")
-        x = m.transformer.wte(idx)
-        cos, sin = rope_cos_sin(torch.arange(T, device=idx.device), c.head_size, c.rope_base, x.dtype)
-        for block in m.transformer.h:
-            x = block(x, cos, sin)
-        return m.transformer.ln_f(x)
+        return self.model.hidden_states(idx)
 
     def forward(self, idx: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One reward per row (float32, shape (B,)), read at position lengths - 1 (default: the last)."""

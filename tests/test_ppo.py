@@ -185,10 +185,10 @@ def test_reference_logprobs_with_lora_disabled_equal_the_base_models():
         assert not torch.allclose(logprobs[b, :L], ref[b, :L], atol=1e-3)
         torch.testing.assert_close(logprobs[b, :L], unpadded_logprobs(policy.model, q, r), rtol=0, atol=2e-5)
     assert values.shape == batch.mask.shape
-    # the LoRA scales are back after the context
+    # the LoRA branches are back after the context
     with lora_disabled(policy):
-        assert all(m.scale == 0 for m in policy.modules() if hasattr(m, "lora_A"))
-    assert all(m.scale == 2.0 for m in policy.modules() if hasattr(m, "lora_A"))
+        assert all(m.disabled for m in policy.modules() if hasattr(m, "lora_A"))
+    assert not any(m.disabled for m in policy.modules() if hasattr(m, "lora_A"))
 
 
 @torch.no_grad()
