@@ -140,8 +140,15 @@ def run_chat(session: ChatSession, tokenizer, inp: TextIO = sys.stdin, out: Text
     """The read-answer loop of chat.py. A terminal gets a `>> ` prompt; from a pipe, each message is
     echoed as `>> message` so that the output reads as a transcript. Ctrl-C during an answer stops
     that answer; at the prompt it only reminds how to leave; end of input or /exit leaves."""
+    import signal
+    import threading
+
     from lit_llama.prompts import get_template
 
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C is how an answer is stopped: a process started in the background inherits SIGINT
+        # ignored (POSIX shells do that), and Python then keeps it ignored; take it back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     tty = inp.isatty()
     if tty:
         try:
