@@ -156,7 +156,9 @@ class CausalSelfAttention(nn.Module):
         if input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)
+            if mask is not None:  # attend over the cache; without a mask, a fresh prompt sees only itself
+                k, v = k_all, v_all
         y = self.attend(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, c.n_head * hs))
 
@@ -228,7 +230,11 @@ class LLaMA(nn.Module):
             pos = torch.arange(T, device=idx.device)
         else:
             pos = input_pos
-            if mask is None:
+            # a prompt written from position 0 attends causally to its own keys only (the rest of the
+            # cache is empty): the plain causal kernel, not a masked pass over every cache slot
+            fresh_prompt = (T > 1 and positions is None and int(input_pos[0]) == 0
+                            and int(input_pos[-1]) == T - 1)
+            if mask is None and not fresh_prompt:
                 kv_len = self.transformer.h[0].attn.kv_cache.k.size(2)
                 mask = pos[:, None] >= torch.arange(kv_len, device=idx.device)[None, :]
         pos = pos if positions is None else positions

@@ -96,8 +96,10 @@ def test_kv_cache_decoding_matches_full_forward(converted):
     prompt = 5
     ours.set_kv_cache(batch_size=idx.size(0), max_seq_length=16)
     try:
-        steps = [ours(idx[:, :prompt], input_pos=torch.arange(prompt))]
-        for t in range(prompt, idx.size(1)):
+        # a fresh prompt (causal over itself), a chunk after it (masked over the cache), single tokens
+        steps = [ours(idx[:, :prompt], input_pos=torch.arange(prompt)),
+                 ours(idx[:, prompt:prompt + 3], input_pos=torch.arange(prompt, prompt + 3))]
+        for t in range(prompt + 3, idx.size(1)):
             steps.append(ours(idx[:, t:t + 1], input_pos=torch.tensor([t])))
     finally:
         ours.clear_kv_cache()
