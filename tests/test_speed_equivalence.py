@@ -118,3 +118,17 @@ def test_harness_llama_cpp_runner(tmp_path):
     # same weights, float32 KV cache: llama.cpp's greedy tokens are ours
     assert line.rstrip(" |").endswith("yes"), r.stdout
     assert (tmp_path / "model-f32.gguf").is_file()
+
+
+@pytest.mark.skipif(os.environ.get("LIT_LLAMA_SKIP_COMPILE_TESTS") == "1" or not (shutil.which("gcc") or shutil.which("cc")),
+                    reason="torch.compile on CPU needs a C compiler")
+def test_generate_script_compiles_before_answering(default_checkpoint):
+    """generate.py --compile compiles (and reports it) before the answer, and answers as eager does."""
+    args = ["generate.py", "--prompt", "What is the capital of France?", "--chat", "true", "--temperature", "0",
+            "--max_new_tokens", "24"]
+    eager = run_script(*args)
+    compiled = run_script(*args, "--compile", "true")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert "Compiled the decode step in" in compiled.stderr
+    assert "Paris" in eager.stdout
+    assert compiled.stdout == eager.stdout
