@@ -59,7 +59,7 @@ def main(
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading
     fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
-                                                            template, quantize=quantize)
+                                                            template, quantize=quantize, compile=compile)
     fabric.seed_everything(seed, verbose=False)
     step = compile_decode_step(fabric.device) if compile else decode_step
     session = ChatSession(model, tokenizer, fmt, fabric.device, system=system, max_new_tokens=max_new_tokens,

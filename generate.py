@@ -46,7 +46,7 @@ def main(
             gptq.int3 for a checkpoint written by quantize/gptq.py.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, quantize=quantize)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, quantize=quantize, compile=compile)
     if chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     step = decode_step

@@ -140,7 +140,7 @@ class LitRunner:
             from lit_llama.generation import load_for_inference
 
             # what generate.py runs: the same loading (and CPU weight layout)
-            _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), "32-true")
+            _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), "32-true", compile=compile)
         else:
             self.model = random_lit_model(spec["model"].split(":", 1)[1], device, getattr(torch, spec["dtype"]))
         self.device = device

@@ -4,7 +4,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from lit_llama.model import LLaMA
+from lit_llama.model import LLaMA, linear
 from lit_llama.utils import UserError
 
 
@@ -64,18 +64,33 @@ def warm_up(model: LLaMA, step: Callable, device, length: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_layout(model: torch.nn.Module) -> torch.nn.Module:
-    """Store the wide float matrices (more outputs than inputs: the fused QKV, the MLP's input
-    projections, the head / tied embedding) column-major, for CPU decoding.
+class DecodeLinear(torch.nn.Linear):
+    """nn.Linear whose product goes through `model.linear`, so that a compiled CPU decode step
+    computes it as a fused reduction. Same parameters, same results."""
 
-    At batch 1 every step is a matrix-vector product bound by memory bandwidth; MKL's kernel for
-    x @ W.T streams a column-major W (W.T contiguous) 1.2-1.9x faster than a row-major one for these
-    shapes (measured on AMD EPYC, see docs/benchmarks.md), and slower for the narrow ones. Same
-    values, same shapes, only the strides change, so every other piece of code is unaffected. The
-    memory-mapped pages of the row-major originals are given back, so peak memory stays one model."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Module:
+    """Prepare the float matrices for CPU decoding, where at batch 1 every step is matrix-vector
+    products bound by memory bandwidth (measured on AMD EPYC, see docs/benchmarks.md).
+
+    compiled: the plain linear layers become DecodeLinear (their class is swapped in place, the
+    parameters stay), whose row-major weights the compiled step streams as fused reductions.
+    Eager: the wide matrices (more outputs than inputs: the fused QKV, the MLP's input projections,
+    the head / tied embedding) are stored column-major, which MKL's x @ W.T streams 1.2-1.9x faster
+    than row-major (and which the compiled reduction would stream 3x slower); same values and
+    shapes, only the strides change, and the memory-mapped originals' pages are given back, so
+    peak memory stays one model."""
     from lit_llama.quantization import release_mapped_pages
 
     for module in model.modules():
+        if compiled:
+            if type(module) is torch.nn.Linear:
+                module.__class__ = DecodeLinear
+            continue
         w = getattr(module, "weight", None)
         if type(module) in (torch.nn.Linear, torch.nn.Embedding) and w is not None and w.dim() == 2 \
                 and w.is_floating_point() and w.size(0) > w.size(1) and w.is_contiguous():
@@ -134,14 +149,15 @@ def stream_text(decode: Callable[[list], str], tokens: Iterable[int]) -> Iterato
 
 
 def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Optional[Callable] = None,
-                       quantize: Optional[str] = None):
+                       quantize: Optional[str] = None, compile: bool = False):
     """(fabric, model, tokenizer) for a checkpoint directory, the model on Fabric's device in
     eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin.
     `wrap(model)` may add finetuned weights (LoRA, adapters) first.
 
     `quantize`: llm.int8 quantizes the float linear layers of the blocks (after `wrap`, so LoRA and
     adapters wrap float layers that are then quantized) one at a time onto the device; gptq.int4
-    and gptq.int3 load a checkpoint written by quantize/gptq.py, whose packed layers `wrap` wraps."""
+    and gptq.int3 load a checkpoint written by quantize/gptq.py, whose packed layers `wrap` wraps.
+    `compile`: the weights are laid out for `compile_decode_step` rather than for eager decoding."""
     from lit_llama.checkpoint import load_model, validate_checkpoint_dir
     from lit_llama.quantization import check_quantize_mode, load_packed_model, quantize_linears
     from lit_llama.tokenizer import Tokenizer
@@ -162,7 +178,7 @@ def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Op
     tokenizer = Tokenizer(checkpoint_dir)
     model = fabric.setup_module(model.eval())
     if fabric.device.type == "cpu":
-        decode_layout(model)
+        decode_layout(model, compiled=compile)
     return fabric, model, tokenizer
 
 
@@ -218,7 +234,7 @@ def answer_instruction(checkpoint_dir, instruction: str, input: str = "", wrap: 
     from lit_llama.prompts import instruction_prompt
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, wrap, quantize)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, wrap, quantize, compile)
     fabric.seed_everything(seed, verbose=False)
     step = compile_decode_step(fabric.device) if compile else decode_step
     return print_completion(model, tokenizer, instruction_prompt(instruction, input), fabric.device,

@@ -12,10 +12,11 @@ import time
 
 import pytest
 import torch
+import torch._dynamo
 
 from conftest import ROOT, run_script
 from lit_llama.checkpoint import load_model
-from lit_llama.generation import compile_decode_step, decode_step, generate, load_for_inference
+from lit_llama.generation import DecodeLinear, compile_decode_step, decode_step, generate, load_for_inference
 from lit_llama.tokenizer import Tokenizer
 
 N = 32
@@ -42,6 +43,30 @@ def test_decode_layout_changes_strides_not_results(default_checkpoint, model):
     idx = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(model(idx), plain(idx), rtol=1e-4, atol=1e-4)
+
+
+needs_compiler = pytest.mark.skipif(
+    os.environ.get("LIT_LLAMA_SKIP_COMPILE_TESTS") == "1" or not (shutil.which("gcc") or shutil.which("cc")),
+    reason="torch.compile on CPU needs a C compiler")
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 1, 96), (1, 96), (3, 1, 96)])
+def test_compiled_decode_linear_is_a_fused_reduction(shape):
+    """A single row through DecodeLinear compiles to a reduction kernel, not a BLAS call, and equals
+    F.linear; several rows stay a matrix product."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 200, bias=True)
+    layer.__class__ = DecodeLinear
+    x = torch.randn(shape)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y, code = run_and_get_code(torch.compile(layer, dynamic=False), x)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    blas = any(name in "".join(code) for name in ("extern_kernels.mm", "extern_kernels.addmm", "mkl"))
+    assert blas == (shape[0] > 1), "".join(code)[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +97,27 @@ def test_greedy_tokens_match_transformers(default_gguf, prompts, eager_tokens):
         assert ours == ref[0, prompt.numel():].tolist()
 
 
-@pytest.mark.skipif(os.environ.get("LIT_LLAMA_SKIP_COMPILE_TESTS") == "1" or not (shutil.which("gcc") or shutil.which("cc")),
-                    reason="torch.compile on CPU needs a C compiler")
-def test_compiled_decode_step_gives_the_same_greedy_tokens(model, prompts, eager_tokens):
-    """One compiled graph for every position (no recompiles per token), same tokens as eager."""
+@needs_compiler
+def test_compiled_decode_step_gives_the_same_greedy_tokens(default_checkpoint, prompts, eager_tokens):
+    """One compiled graph for every position (no recompiles per token), same tokens as eager, with
+    the weight layout generate.py --compile loads (row-major, linear layers as DecodeLinear)."""
     import torch._dynamo
 
+    _, compiled_model, _ = load_for_inference(default_checkpoint, "32-true", compile=True)
+    compiled_model = compiled_model.module
+    fc1 = compiled_model.transformer.h[0].mlp.c_fc1
+    assert type(fc1) is DecodeLinear and fc1.weight.is_contiguous()
+    assert compiled_model.transformer.wte.weight.is_contiguous()
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     step = compile_decode_step(torch.device("cpu"))
     t = time.perf_counter()
-    compiled = [list(generate(model, p, N, temperature=0.0, step=step)) for p in prompts]
+    compiled = [list(generate(compiled_model, p, N, temperature=0.0, step=step)) for p in prompts]
     elapsed = time.perf_counter() - t
     assert compiled == eager_tokens
     # compilation happened once for decode (both prompts fit the same cache size), not per token
-    from torch._dynamo.utils import counters
-
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     print(f"compiled generation of {len(prompts)} x {N} tokens incl. compilation: {elapsed:.0f} s", file=sys.stderr)
 
