@@ -1,5 +1,6 @@
 """Quantization of the embedded SmolLM2-135M-Instruct: perplexity, checkpoint size and peak memory of
-fp32, llm.int8, GPTQ 4-bit g128, RTN 4-bit g128 and GPTQ 3-bit g128, in one table.
+fp32, llm.int8, GPTQ 4-bit g128 (with the embedding / head at 6 bits, 4 bits or float16), RTN
+4-bit g128 and GPTQ 3-bit g128, in one table.
 
 The text is Python's reference documentation (pydoc_data.topics, offline English): GPTQ calibrates
 on its first half and perplexity is measured on its second half, so no model is scored on the text
@@ -25,14 +26,20 @@ sys.path.insert(0, str(ROOT))
 
 from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files  # noqa: E402
 
-# label, quantize/gptq.py arguments (None: no checkpoint of its own), --quantize to load it with
+# label, quantize/gptq.py arguments (None: no checkpoint of its own), --quantize to load it with.
+# The first GPTQ row is quantize/gptq.py's default (act-order, embedding / head at 6 bits).
+DEFAULT = "GPTQ 4-bit g128 (the default: act-order, 6-bit head)"
+FLOAT_HEAD = ["--head_bits", "null"]
 ROWS = [
     ("fp32", None, None),
     ("llm.int8", None, "llm.int8"),
-    ("GPTQ 4-bit g128 (act-order, the default)", ["--method", "gptq", "--bits", "4"], "gptq.int4"),
-    ("GPTQ 4-bit g128 without act-order", ["--method", "gptq", "--bits", "4", "--act_order", "false"], "gptq.int4"),
-    ("RTN 4-bit g128", ["--method", "rtn", "--bits", "4"], "gptq.int4"),
-    ("GPTQ 3-bit g128 (act-order)", ["--method", "gptq", "--bits", "3"], "gptq.int3"),
+    (DEFAULT, ["--method", "gptq", "--bits", "4"], "gptq.int4"),
+    ("GPTQ 4-bit g128, act-order, 4-bit head", ["--method", "gptq", "--bits", "4", "--head_bits", "4"], "gptq.int4"),
+    ("GPTQ 4-bit g128, act-order, float16 head", ["--method", "gptq", "--bits", "4", *FLOAT_HEAD], "gptq.int4"),
+    ("GPTQ 4-bit g128 without act-order, float16 head", ["--method", "gptq", "--bits", "4", "--act_order", "false",
+                                                         *FLOAT_HEAD], "gptq.int4"),
+    ("RTN 4-bit g128, 6-bit head", ["--method", "rtn", "--bits", "4"], "gptq.int4"),
+    ("GPTQ 3-bit g128, act-order, float16 head", ["--method", "gptq", "--bits", "3", *FLOAT_HEAD], "gptq.int3"),
 ]
 
 
@@ -100,24 +107,26 @@ def evaluate(checkpoint: Path, quantize: Optional[str], text: Path, seqlen: int,
 def targets(rows: list, fp16_total: int) -> list:
     """The issue's targets, checked against this run's rows."""
     by = {r["label"]: r for r in rows}
-    fp32, gptq, rtn = by["fp32"]["ppl"], by[ROWS[2][0]], by["RTN 4-bit g128"]
+    fp32, gptq, rtn = by["fp32"]["ppl"], by[DEFAULT], by["RTN 4-bit g128, 6-bit head"]
     ok = lambda c: "met" if c else "not met"
     inc = gptq["ppl"] / fp32 - 1
     size = gptq["size"] / fp16_total
-    return [f"GPTQ 4-bit g128 (default settings) perplexity {inc:+.1%} vs fp32 (target within 10%: {ok(inc <= 0.10)}); "
+    return [f"GPTQ 4-bit g128 (default settings, 6-bit head) perplexity {inc:+.1%} vs fp32 (target within 10%: {ok(inc <= 0.10)}); "
             f"RTN at the same bits and groups {rtn['ppl'] / fp32 - 1:+.1%} (GPTQ better: {ok(gptq['ppl'] < rtn['ppl'])})",
             f"4-bit checkpoint {size:.0%} of the fp16 one (target at most 30%: {ok(size <= 0.30)}; for a "
-            f"LLaMA-7B packed the same way: {seven_b_ratio(4):.0%})"]
+            f"LLaMA-7B packed the same way: {seven_b_ratio(4, 6):.0%})"]
 
 
-def seven_b_ratio(bits: int, groupsize: int = 128) -> float:
-    """Size of a LLaMA-7B checkpoint packed like ours (float16 embedding, head, norms; packed linears
-    with a float16 scale and a one-byte zero per group) relative to its float16 checkpoint."""
+def seven_b_ratio(bits: int, head_bits: Optional[int] = None, groupsize: int = 128) -> float:
+    """Size of a LLaMA-7B checkpoint packed like ours (packed linears with a float16 scale and a
+    one-byte zero per group; embedding and head packed at `head_bits` or float16; float16 norms)
+    relative to its float16 checkpoint."""
     dim, hidden, layers, vocab = 4096, 11008, 32, 32000
     linear = layers * (4 * dim * dim + 3 * dim * hidden)
-    other = 2 * vocab * dim + (2 * layers + 1) * dim
-    packed = linear * bits / 8 + linear / groupsize * 3 + other * 2
-    return packed / ((linear + other) * 2)
+    head, norms = 2 * vocab * dim, (2 * layers + 1) * dim
+    packed = linear * bits / 8 + linear / groupsize * 3 + norms * 2
+    packed += head * 2 if head_bits is None else head * head_bits / 8 + head / groupsize * 3
+    return packed / ((linear + head + norms) * 2)
 
 
 def table(rows: list, fp16_total: int, fp16_linears: int) -> str:
@@ -160,10 +169,11 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
     if cache.get("settings") != settings:
         # quantized checkpoints of other settings (calibration size) are not reused either
         cache, reuse = {"settings": settings, "rows": {}}, False
-    rows = []
+    rows, reused = [], []
     for i, (label, qargs, quantize) in enumerate(ROWS):
         if label in cache["rows"]:
             rows.append(cache["rows"][label])
+            reused.append(label)
             continue
         row = {"label": label}
         checkpoint = checkpoint_dir
@@ -190,12 +200,15 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
             f"calibrated on {nsamples} windows of {calib_seqlen} tokens of the first half. Weights in memory: "
             "the loaded model's parameters and buffers (int8 and packed layers, float32 embedding and norms). "
             "Peak RSS (ru_maxrss) of the evaluating process: once loaded, and at the end; the float32 "
-            "checkpoint is memory-mapped, so its weights count only once read. The packed checkpoints keep "
-            f"the embedding and norms ({1 - fp16_linears / fp16_total:.0%} of the parameters here) in float16: "
-            f"fp16 checkpoint {fp16_total / 1e6:.0f} MB, block linears {fp16_linears / 1e6:.0f} MB of it. "
-            "A LLaMA-7B packed the same way would be "
-            f"{seven_b_ratio(4):.0%} (4-bit) and {seven_b_ratio(3):.0%} (3-bit) of its fp16 checkpoint. "
+            "checkpoint is memory-mapped, so its weights count only once read. The tied embedding / head is "
+            f"{1 - fp16_linears / fp16_total:.0%} of the parameters here (fp16 checkpoint {fp16_total / 1e6:.0f} MB, "
+            f"block linears {fp16_linears / 1e6:.0f} MB of it); \"float16 head\" rows keep it unpacked, as "
+            "GPTQ-for-LLaMa does. A LLaMA-7B packed the same way would be "
+            f"{seven_b_ratio(4, 6):.0%} (4-bit, 6-bit head), {seven_b_ratio(4):.0%} (4-bit, float16 head) and "
+            f"{seven_b_ratio(3):.0%} (3-bit, float16 head) of its fp16 checkpoint. "
             f"Times are wall-clock on a shared machine (load average {load}).")
+    if reused:
+        text += f" Rows measured by an earlier run with the same settings (--reuse): {'; '.join(reused)}."
     text += "\n\n" + "\n".join(f"- {line}" for line in targets(rows, fp16_total))
     print(text)
     if write_docs:

@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from lit_llama.quantization import PackedLinear, check_packed_shape, dequantize_ints
+from lit_llama.quantization import HEAD_BITS, PackedLinear, check_packed_shape, dequantize_ints
 from lit_llama.utils import UserError
 
 # the linear layers of a block in the order the data reaches them; layers of one entry share inputs
@@ -267,6 +267,7 @@ class GPTQSettings:
     act_order: bool = False
     blocksize: int = 128
     percdamp: float = 0.01
+    head_bits: Optional[int] = None  # None: the embedding and head stay float
 
     def check(self, model: nn.Module) -> None:
         if self.method not in METHODS:
@@ -274,13 +275,18 @@ class GPTQSettings:
         for name, layer in model.transformer.h[0].named_modules():
             if type(layer) is nn.Linear:
                 check_packed_shape(layer.in_features, self.bits, self.groupsize, name)
+        if self.head_bits is not None:
+            check_packed_shape(model.config.n_embd, self.head_bits, self.groupsize, "head", HEAD_BITS, "--head_bits")
         if not 0 <= self.percdamp < 1:
             raise UserError(f"--percdamp must be in [0, 1), got {self.percdamp}")
 
     def entry(self) -> dict:
         """The checkpoint config's `quantization` entry."""
-        return {"method": self.method, "bits": self.bits, "groupsize": self.groupsize, "act_order": self.act_order,
-                "format": "packed-little-endian", "scale_dtype": "float16"}
+        entry = {"method": self.method, "bits": self.bits, "groupsize": self.groupsize, "act_order": self.act_order,
+                 "format": "packed-little-endian", "scale_dtype": "float16"}
+        if self.head_bits is not None:
+            entry["head"] = {"bits": self.head_bits, "groupsize": self.groupsize, "act_order": self.act_order}
+        return entry
 
 
 def quantize_block(block: nn.Module, inputs: Optional[List[torch.Tensor]], rope, settings: GPTQSettings
@@ -317,13 +323,39 @@ def block_state(block: nn.Module, quantized: Dict[str, QuantizedWeight], store_d
 
 
 @torch.no_grad()
+def quantize_head(model: nn.Module, inputs: Optional[List[torch.Tensor]], settings: GPTQSettings,
+                  device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """The packed state dict entries of the head (and embedding) at `settings.head_bits`. GPTQ's
+    Hessian is that of the head's inputs, the final norm of the last block's outputs `inputs`. A
+    tied embedding is the head's matrix: it reads the same packed rows. An untied one is a lookup,
+    with no input to weigh the error by: rounded to nearest."""
+    s = settings
+    tied = model.lm_head is None
+    W = (model.transformer.wte.weight if tied else model.lm_head.weight).to(device, dtype)
+    if s.method == "gptq":
+        ln_f = model.transformer.ln_f.to(device, dtype)
+        hessian = Hessian(W.size(1), device=device)
+        for x in inputs:
+            hessian.add(ln_f(x))
+        qw = gptq(W, hessian.H, s.head_bits, s.groupsize, s.act_order, s.blocksize, s.percdamp)
+    else:
+        qw = rtn(W, s.head_bits, s.groupsize)
+    state = {f"{'transformer.wte' if tied else 'lm_head'}.{k}": v for k, v in qw.to_layer().state_dict().items()}
+    if not tied:
+        emb = rtn(model.transformer.wte.weight.to(device, dtype), s.head_bits, s.groupsize)
+        state.update({f"transformer.wte.{k}": v for k, v in emb.to_layer().state_dict().items()})
+    return {k: v.cpu() for k, v in state.items()}
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, windows: Optional[torch.Tensor], settings: GPTQSettings,
                    device: torch.device, dtype: torch.dtype, store_dtype: torch.dtype = torch.float16,
                    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-                   ) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
-    """Yield (block index, the block's packed state dict entries), block by block. Each block is
-    moved to `device` in `dtype` while it is quantized, then emptied (moved to the meta device):
-    `model` is used up. `windows` (nsamples, seqlen) are the calibration token ids (None for RTN)."""
+                   ) -> Iterator[Dict[str, torch.Tensor]]:
+    """Yield packed state dict entries (full names), block by block, then the head's with
+    settings.head_bits. Each block is moved to `device` in `dtype` while it is quantized, then
+    emptied (moved to the meta device): `model` is used up. `windows` (nsamples, seqlen) are the
+    calibration token ids (None for RTN)."""
     from lit_llama.model import rope_cos_sin
     from lit_llama.quantization import release_mapped_pages
 
@@ -339,14 +371,18 @@ def quantize_model(model: nn.Module, windows: Optional[torch.Tensor], settings: 
         originals = list(block.parameters())  # memory-mapped: their pages are given back below
         block.to(device=device, dtype=dtype)
         quantized = quantize_block(block, inputs, rope, settings)
-        if inputs is not None and i + 1 < n:
-            inputs = [block(x, *rope) for x in inputs]  # the quantized block feeds the next
+        if inputs is not None and (i + 1 < n or settings.head_bits is not None):
+            inputs = [block(x, *rope) for x in inputs]  # the quantized block feeds the next (or the head)
         state = block_state(block, quantized, store_dtype)
         block.to("meta")
         for p in originals:
             release_mapped_pages(p)
         log(f"block {i + 1}/{n} quantized in {time.perf_counter() - t0:.1f}s")
-        yield i, state
+        yield {f"transformer.h.{i}.{k}": v for k, v in state.items()}
+    if settings.head_bits is not None:
+        t0 = time.perf_counter()
+        yield quantize_head(model, inputs, settings, device, dtype)
+        log(f"head quantized to {settings.head_bits} bits in {time.perf_counter() - t0:.1f}s")
 
 
 def quantize_checkpoint(checkpoint_dir: Path, output_dir: Path, settings: GPTQSettings, *,
@@ -387,12 +423,13 @@ def quantize_checkpoint(checkpoint_dir: Path, output_dir: Path, settings: GPTQSe
               file=sys.stderr)
     with atomic_dir(output_dir) as tmp:
         writer = ShardedWriter(tmp)
+        packed_head = ("transformer.wte.", "lm_head.") if settings.head_bits is not None else ()
         for name, t in model.state_dict().items():
-            if not name.startswith("transformer.h."):
+            if not name.startswith(("transformer.h.", *packed_head)):
                 writer.add(name, t.to(store_dtype) if t.is_floating_point() else t)
-        for i, state in quantize_model(model, windows, settings, device, dtype, store_dtype):
+        for state in quantize_model(model, windows, settings, device, dtype, store_dtype):
             for k, v in state.items():
-                writer.add(f"transformer.h.{i}.{k}", v)
+                writer.add(k, v)
         writer.close()
         config = {**model.config.asdict(), "quantization": entry}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -200,7 +200,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     reduction that streams the weight at close to memory bandwidth, about twice as fast as the BLAS
     matrix-vector product here (see docs/benchmarks.md). Everywhere else it is F.linear."""
     if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.size(-1)
-            and weight.is_contiguous()):
+            and weight.stride(-1) == 1):
         return (x.unsqueeze(-2) * weight).sum(-1)
     return F.linear(x, weight)
 
@@ -265,7 +265,7 @@ class LLaMA(nn.Module):
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
         max_seq_length = max_seq_length or self.config.block_size
         if device is None or dtype is None:
-            w = self.transformer.wte.weight
+            w = self.transformer.ln_f.weight  # not wte's: a packed embedding would dequantize for it
             device, dtype = device or w.device, dtype or w.dtype
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_seq_length,

@@ -30,12 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama.model import linear
 from lit_llama.utils import UserError
 
 MODES = ("nf4", "fp4", "llm.int8")
 # the --quantize choices of the generate and evaluate scripts
 INFERENCE_MODES = ("llm.int8", "gptq.int4", "gptq.int3")
 PACKED_BITS = (3, 4)
+HEAD_BITS = (3, 4, 6, 8)  # the head / embedding may keep more bits (pack_int handles 6 and 8 too)
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: larger input magnitudes are multiplied in 16-bit
 
 
@@ -225,10 +227,11 @@ def unpack_int(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return ((word[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*lead, cols)
 
 
-def check_packed_shape(in_features: int, bits: int, groupsize: int, where: str = "") -> None:
+def check_packed_shape(in_features: int, bits: int, groupsize: int, where: str = "", allowed=PACKED_BITS,
+                       flag: str = "--bits") -> None:
     """UserError unless a layer with `in_features` inputs can be packed at `bits` with `groupsize`."""
-    if bits not in PACKED_BITS:
-        raise UserError(f"unsupported --bits {bits}: packed layers have {' or '.join(map(str, PACKED_BITS))} bits")
+    if bits not in allowed:
+        raise UserError(f"unsupported {flag} {bits}: use {' or '.join(map(str, allowed))}")
     if groupsize != -1 and groupsize < 1:
         raise UserError(f"unsupported --groupsize {groupsize}: use a positive group size or -1 (one group per row)")
     values, _ = _pack_unit(bits)
@@ -290,7 +293,7 @@ class PackedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bits: int, groupsize: int, act_order: bool = False,
                  device=None, scale_dtype: torch.dtype = torch.float16):
         nn.Module.__init__(self)  # not nn.Linear's: no float weight to allocate
-        check_packed_shape(in_features, bits, groupsize)
+        check_packed_shape(in_features, bits, groupsize, allowed=HEAD_BITS)
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.groupsize = in_features if groupsize == -1 or groupsize > in_features else groupsize
         groups = -(-in_features // self.groupsize)
@@ -333,15 +336,32 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if x.is_cuda and triton_available():
+        if x.is_cuda and self.bits in PACKED_BITS and triton_available():
             y = _triton_matmul(x, self)
             if y is not None:
                 return y
-        return F.linear(x, self.dequantize(x.dtype))
+        # through model.linear: a compiled CPU decode step fuses unpacking, scaling and the
+        # product into one reduction that reads the packed bytes
+        return linear(x, self.dequantize(x.dtype))
 
     def extra_repr(self) -> str:
         act = ", act_order" if self.perm is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, groupsize={self.groupsize}{act}"
+
+
+class PackedEmbedding(PackedLinear):
+    """The token embedding as packed integers, rows = tokens: a lookup unpacks only the rows it
+    reads. A tied head reads `weight` (every row dequantized), as the float model reads wte's."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = idx.reshape(-1)
+        q = unpack_int(self.qweight[rows], self.bits, self.in_features)
+        w = dequantize_ints(q, self.scales[rows], self.zeros[rows], self.groupsize, self.scales.dtype)
+        if self.perm is not None:
+            out = torch.empty_like(w)
+            out[:, self.perm.long()] = w
+            w = out
+        return w.view(*idx.shape, self.in_features)
 
 
 # ---------------------------------------------------------------- packed checkpoints
@@ -380,15 +400,25 @@ def check_quantize_mode(checkpoint_dir: Path, mode: Optional[str]) -> Optional[d
     return entry
 
 
-def replace_with_packed(model: nn.Module, bits: int, groupsize: int, act_order: bool) -> nn.Module:
+def replace_with_packed(model: nn.Module, bits: int, groupsize: int, act_order: bool,
+                        head: Optional[dict] = None) -> nn.Module:
     """Swap every nn.Linear of the blocks for an empty PackedLinear on the meta device, ready for
-    a packed state dict (load_state_dict with assign=True)."""
+    a packed state dict (load_state_dict with assign=True); with `head` (the entry's head: bits,
+    groupsize, act_order) the embedding and head too. An untied model's embedding has no Hessian
+    (it is a lookup): it is rounded to nearest, without act-order."""
     for block in model.transformer.h:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
                     setattr(parent, name, PackedLinear(child.in_features, child.out_features, bits, groupsize,
                                                        act_order, device="meta").train(child.training))
+    if head is not None:
+        vocab, n_embd = model.transformer.wte.weight.shape
+        hb, hg, ha = head["bits"], head["groupsize"], head["act_order"]
+        tied = model.lm_head is None
+        model.transformer.wte = PackedEmbedding(n_embd, vocab, hb, hg, ha and tied, device="meta")
+        if not tied:
+            model.lm_head = PackedLinear(n_embd, vocab, hb, hg, ha, device="meta")
     return model
 
 
@@ -404,13 +434,16 @@ def load_packed_model(checkpoint_dir: Path, dtype: torch.dtype = torch.float32) 
     entry = read_quantization(checkpoint_dir)
     try:
         bits, groupsize, act_order = int(entry["bits"]), int(entry["groupsize"]), bool(entry.get("act_order"))
+        head = entry.get("head")  # absent: a float embedding and head (checkpoints before the option too)
+        if head is not None:
+            head = {"bits": int(head["bits"]), "groupsize": int(head["groupsize"]), "act_order": bool(head["act_order"])}
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{checkpoint_dir}: the quantization entry of its config is corrupted: {entry}")
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
     try:
-        replace_with_packed(model, bits, groupsize, act_order)
+        replace_with_packed(model, bits, groupsize, act_order, head)
     except UserError as e:
         raise CheckpointError(f"{checkpoint_dir}: its quantization entry does not fit its config: {e}")
     state_dict = load_state_dict(checkpoint_dir)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from lit_llama.quantization import (PackedLinear, dequantize_weight, pack_int, quantize_linears, unpack_int)
+from lit_llama.quantization import (PackedEmbedding, PackedLinear, dequantize_weight, pack_int, quantize_linears, unpack_int)
 from lit_llama.utils import UserError
 from quant_helpers import assert_one_error_line, calibration_file, run_main, tiny_checkpoint
 
@@ -45,7 +45,10 @@ def test_pack_layout_is_a_little_endian_bit_stream():
     # 3-bit: eight weights in three bytes; 0..7 -> bits 000 001 010 011 100 101 110 111 from the lowest
     word = sum(v << (3 * i) for i, v in enumerate(range(8)))
     assert pack_int(torch.arange(8)[None], 3).tolist() == [[word & 255, (word >> 8) & 255, word >> 16]]
-    for bits, cols in ((4, 6), (3, 24)):
+    # 6-bit: four weights in three bytes; 8-bit: one a byte
+    assert pack_int(torch.tensor([[1, 2, 3, 63]]), 6).tolist() == [[1 | 2 << 6, (2 >> 2) | 3 << 4, 63 << 2]]
+    assert pack_int(torch.tensor([[7, 255]]), 8).tolist() == [[7, 255]]
+    for bits, cols in ((4, 6), (3, 24), (6, 12), (8, 5)):
         q = torch.randint(0, 2 ** bits, (7, cols))
         packed = pack_int(q, bits)
         assert packed.dtype == torch.uint8 and packed.shape == (7, cols * bits // 8)
@@ -66,6 +69,18 @@ def test_packed_layer_matches_its_dequantized_reference(bits, cols, groupsize, a
     torch.testing.assert_close(dequantize_weight(layer), ref, rtol=0, atol=1e-7)
     x = torch.randn(2, 5, cols)
     torch.testing.assert_close(layer(x), x @ ref.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,groupsize,act_order", [(4, 32, True), (6, 64, False), (8, 128, True)])
+def test_packed_embedding_looks_up_its_dequantized_rows(bits, groupsize, act_order):
+    """A lookup unpacks only the rows it reads; they are the rows of the reference weight, and the
+    tied head (`weight`) is the whole reference."""
+    q, scales, zeros, perm = random_packed(300, 96, bits, groupsize, act_order, seed=bits)
+    emb = PackedEmbedding.from_ints(q, scales.float(), zeros, bits, groupsize, perm)
+    ref = reference_weight(q, scales, zeros, groupsize, perm)
+    idx = torch.tensor([[0, 299, 5], [5, 17, 123]])
+    torch.testing.assert_close(emb(idx), ref[idx], rtol=0, atol=1e-7)
+    torch.testing.assert_close(emb.weight, ref, rtol=0, atol=1e-7)
 
 
 def test_packed_layer_state_dict_round_trips():
