@@ -166,7 +166,7 @@ class LitRunner:
         prepare_cache(self.model, T + new_tokens, batch_size=B)
         sync(self.device)
         t0 = time.perf_counter()
-        logits = self.model(prompt, torch.arange(T, device=self.device))[:, -1]
+        logits = self.model(prompt, torch.arange(T, device=self.device), last=True)[:, -1]
         token = logits.argmax(-1)
         first = [int(token[0])]
         t1 = time.perf_counter()

@@ -39,7 +39,7 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional
 
 
 def decode_step(model: LLaMA, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    return model(x, input_pos)[:, -1]
+    return model(x, input_pos, last=True)[:, -1]
 
 
 def compile_decode_step(device: torch.device) -> Callable:
@@ -121,7 +121,7 @@ def generate(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, *, tempera
     max_new_tokens = min(max_new_tokens, model.config.block_size - T)
     prepare_cache(model, T + max_new_tokens)
     device = prompt.device
-    logits = model(prompt[None], torch.arange(T, device=device))[:, -1]
+    logits = model(prompt[None], torch.arange(T, device=device), last=True)[:, -1]
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p)
         t = int(token.item())

@@ -45,6 +45,23 @@ def test_decode_layout_changes_strides_not_results(default_checkpoint, model):
         torch.testing.assert_close(model(idx), plain(idx), rtol=1e-4, atol=1e-4)
 
 
+def test_last_position_logits_are_those_of_the_full_pass(model):
+    """Generation asks for the last position's logits only (the head over a whole prompt would be a
+    fifth of the prefill): the same numbers as the last row of the full pass."""
+    from lit_llama.generation import prepare_cache
+
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = model(idx)
+        last = model(idx, last=True)
+        prepare_cache(model, 64, batch_size=2)
+        cached = model(idx, torch.arange(40), last=True)
+        model.set_kv_cache(1, 256)
+    assert last.shape == (2, 1, full.size(-1))
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, full[:, -1:], rtol=1e-4, atol=1e-4)
+
+
 needs_compiler = pytest.mark.skipif(
     os.environ.get("LIT_LLAMA_SKIP_COMPILE_TESTS") == "1" or not (shutil.which("gcc") or shutil.which("cc")),
     reason="torch.compile on CPU needs a C compiler")
