@@ -269,6 +269,10 @@ class GPTQSettings:
     percdamp: float = 0.01
     head_bits: Optional[int] = None  # None: the embedding and head stay float
 
+    def __post_init__(self):
+        # act-order orders columns by the Hessian: round-to-nearest has none (and writes no perm)
+        self.act_order = self.act_order and self.method == "gptq"
+
     def check(self, model: nn.Module) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")

@@ -217,9 +217,16 @@ def unpack_int(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """The inverse of pack_int: int32 values, last dimension `cols`."""
     values, nbytes = _pack_unit(bits)
     *lead, _ = packed.shape
-    if bits == 4:  # the common case, without the int32 word
+    if bits == 8:
+        return packed.reshape(*lead, cols).to(torch.int32)
+    if bits == 4:  # the common cases, byte by byte without the int32 word
         b = packed.reshape(*lead, cols // 2)
         return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(*lead, cols).to(torch.int32)
+    if bits == 6:  # four values in three bytes
+        b = packed.reshape(*lead, cols // 4, 3).to(torch.int32)
+        b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+        values = (b0 & 63, (b0 >> 6) | ((b1 & 15) << 2), (b1 >> 4) | ((b2 & 3) << 4), b2 >> 2)
+        return torch.stack(values, dim=-1).reshape(*lead, cols)
     b = packed.reshape(*lead, cols // values, nbytes).to(torch.int32)
     byte_shifts = torch.arange(nbytes, device=packed.device, dtype=torch.int32) * 8
     word = (b << byte_shifts).sum(-1, dtype=torch.int32)
@@ -449,7 +456,11 @@ def load_packed_model(checkpoint_dir: Path, dtype: torch.dtype = torch.float32) 
     state_dict = load_state_dict(checkpoint_dir)
     check_state_dict(model, state_dict, checkpoint_dir)
     model.load_state_dict(state_dict, assign=True)
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point() and t.dtype != dtype:
-            t.data = t.data.to(dtype)
+    # new tensors, not `.data =` on the memory-mapped views: a float32 view of a float16 base is
+    # a tensor torch.compile cannot trace
+    for module in model.modules():
+        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None and t.is_floating_point() and t.dtype != dtype:
+                setattr(module, name, nn.Parameter(t.detach().to(dtype), requires_grad=t.requires_grad)
+                        if isinstance(t, nn.Parameter) else t.to(dtype))
     return model

@@ -218,6 +218,25 @@ def test_gptq_script_writes_a_checkpoint_that_generates_and_evaluates(packed, tm
     assert "tokens/s" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_rtn_with_the_default_flags_loads_and_matches_round_to_nearest(packed, tmp_path):
+    """--method rtn with the script's defaults (act-order on, 6-bit head): no calibration, no perm,
+    every weight the nearest level of its group's grid."""
+    from lit_llama.checkpoint import load_model
+
+    src, _ = packed
+    out = tmp_path / "rtn"
+    r = run_script("quantize/gptq.py", "--checkpoint_dir", src, "--output_dir", out, "--method", "rtn")
+    assert r.returncode == 0, r.stderr
+    entry = json.loads((out / "lit_config.json").read_text())["quantization"]
+    assert entry["act_order"] is False and entry["head"]["act_order"] is False
+    model, float_model = load_packed_model(out), load_model(src)
+    layer, W = model.transformer.h[1].mlp.c_proj, float_model.transformer.h[1].mlp.c_proj.weight
+    assert layer.perm is None
+    torch.testing.assert_close(layer.weight.float(), rtn(W, 4, 128).dequantize(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(model.transformer.wte.weight.float(),
+                               rtn(float_model.transformer.wte.weight, 6, 128).dequantize(), rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("case", ["short-text", "bits", "head-bits", "groupsize", "method", "already-quantized",
                                   "same-dir"])
 def test_bad_quantize_input_is_one_error_line(case, packed, tmp_path, monkeypatch, capsys):
