@@ -187,7 +187,8 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
                 row["quantize_s"] = time.perf_counter() - t0
             sizes = tensor_bytes(checkpoint)
             row["size"] = sum(sizes.values())
-            row["linear_size"] = sum(v for k, v in sizes.items() if k.endswith(("qweight", "scales", "zeros", "perm")))
+            row["linear_size"] = sum(v for k, v in sizes.items() if k.startswith("transformer.h.")
+                                     and k.endswith(("qweight", "scales", "zeros", "perm")))
         row.update(evaluate(checkpoint, quantize, evaluation, eval_seqlen, max_windows, out_dir / f"evaluate-{i}.log"))
         print(f"{label}: {row}", file=sys.stderr, flush=True)
         rows.append(row)
@@ -198,7 +199,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
     text = (table(rows, fp16_total, fp16_linears) + "\n\n"
             f"Perplexity over {windows} of {eval_seqlen} tokens of the second half of pydoc_data.topics; GPTQ "
             f"calibrated on {nsamples} windows of {calib_seqlen} tokens of the first half. Weights in memory: "
-            "the loaded model's parameters and buffers (int8 and packed layers, float32 embedding and norms). "
+            "the loaded model's parameters and buffers (int8 or packed layers, the embedding packed or float32, float32 norms). "
             "Peak RSS (ru_maxrss) of the evaluating process: once loaded, and at the end; the float32 "
             "checkpoint is memory-mapped, so its weights count only once read. The tied embedding / head is "
             f"{1 - fp16_linears / fp16_total:.0%} of the parameters here (fp16 checkpoint {fp16_total / 1e6:.0f} MB, "
