@@ -50,7 +50,7 @@ def main(
         head_bits: bits of the embedding and the output head (3, 4, 6 or 8; same group size), or null
             to keep them float16 as GPTQ-for-LLaMa does. They are packed too by default: a tied
             embedding is a fifth of a small model (the 4-bit checkpoint of the embedded model is 42%
-            of its float16 size with them float, 28% with them at 6 bits; see docs/benchmarks.md).
+            of its float16 size with them float, 29% with them at 6 bits; see docs/benchmarks.md).
         percdamp: dampening of the Hessian, a fraction of its mean diagonal.
         seed: seed of the window positions.
         device: where each block is quantized (default: cuda if available, else cpu).
