@@ -218,6 +218,32 @@ def test_gptq_script_writes_a_checkpoint_that_generates_and_evaluates(packed, tm
     assert "tokens/s" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_untied_head_and_embedding_are_packed_separately(default_checkpoint, tmp_path):
+    """An untied model (LLaMA-7B's layout): GPTQ quantizes lm_head on the final-norm outputs, and
+    the embedding, a lookup, is rounded to nearest without act-order; the packed model computes
+    what a float model holding those dequantized weights computes."""
+    from lit_llama.checkpoint import load_model
+
+    src = tiny_checkpoint(tmp_path, default_checkpoint, seed=2, tie_embeddings=False)
+    out = tmp_path / "untied"
+    quantize_checkpoint(src, out, GPTQSettings(bits=4, groupsize=64, act_order=True, head_bits=8),
+                        text_file=calibration_file(tmp_path), nsamples=4, seqlen=64, device="cpu")
+    model, reference = load_packed_model(out).eval(), load_model(src).eval()
+    wte, head = model.transformer.wte, model.lm_head
+    assert isinstance(wte, PackedEmbedding) and wte.perm is None and wte.bits == 8
+    assert type(head) is PackedLinear and head.perm is not None and head.bits == 8
+    float_wte = reference.transformer.wte.weight
+    torch.testing.assert_close(wte.weight.float(), rtn(float_wte, 8, 64).dequantize(), rtol=0, atol=1e-3)
+    state = reference.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            state[f"{name}.weight"] = m.weight
+    reference.load_state_dict(state)
+    ids = torch.randint(0, 49152, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_rtn_with_the_default_flags_loads_and_matches_round_to_nearest(packed, tmp_path):
     """--method rtn with the script's defaults (act-order on, 6-bit head): no calibration, no perm,
     every weight the nearest level of its group's grid."""
