@@ -262,8 +262,10 @@ class LLaMA(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # the padding rows are never a valid token: skip them (and return a fresh tensor, not a view)
-        head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return linear(x, head[: self.config.vocab_size])
+        head = self.transformer.wte if self.lm_head is None else self.lm_head
+        if hasattr(head, "matmul"):  # packed integers (quantize/gptq.py): multiplied without a float copy
+            return head.matmul(x)[..., : self.config.vocab_size].contiguous()
+        return linear(x, head.weight[: self.config.vocab_size])
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
         max_seq_length = max_seq_length or self.config.block_size

@@ -5,6 +5,7 @@ pointing --quantize at the wrong checkpoint: one `error:` line each."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,20 @@ def test_packed_embedding_looks_up_its_dequantized_rows(bits, groupsize, act_ord
     idx = torch.tensor([[0, 299, 5], [5, 17, 123]])
     torch.testing.assert_close(emb(idx), ref[idx], rtol=0, atol=1e-7)
     torch.testing.assert_close(emb.weight, ref, rtol=0, atol=1e-7)
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")), reason="torch.compile on CPU needs a C compiler")
+def test_compiled_packed_layer_matches_its_dequantized_reference():
+    """Inside a compiled decode step a packed layer is one fused reduction over its packed bytes."""
+    import torch._dynamo
+
+    q, scales, zeros, perm = random_packed(64, 192, 4, 128, act_order=True, seed=3)
+    layer = PackedLinear.from_ints(q, scales.float(), zeros, 4, 128, perm)
+    ref = reference_weight(q, scales, zeros, 128, perm)
+    x = torch.randn(1, 1, 192)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, dynamic=False)(x), x @ ref.T, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_layer_state_dict_round_trips():
