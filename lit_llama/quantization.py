@@ -364,8 +364,10 @@ class PackedLinear(nn.Linear):
         y = None
         for g, g0 in enumerate(range(0, self.in_features, self.groupsize)):
             xg = x[..., g0:g0 + self.groupsize]
-            part = F.linear(xg, q[:, g0:g0 + self.groupsize]) * scales[:, g] - xg.sum(-1, keepdim=True) * scaled_zeros[:, g]
-            y = part if y is None else y + part
+            # in place: a head's products over a long prompt are large (tokens x vocabulary)
+            part = F.linear(xg, q[:, g0:g0 + self.groupsize]).mul_(scales[:, g])
+            part.addcmul_(xg.sum(-1, keepdim=True), scaled_zeros[:, g], value=-1)
+            y = part if y is None else y.add_(part)
         return y
 
     def extra_repr(self) -> str:
