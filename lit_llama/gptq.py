@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from lit_llama.quantization import HEAD_BITS, PackedLinear, check_packed_shape, dequantize_ints
+from lit_llama.quantization import HEAD_BITS, PackedLinear, check_packed_shape, dequantize_ints, unpermute_columns
 from lit_llama.utils import UserError
 
 # the linear layers of a block in the order the data reaches them; layers of one entry share inputs
@@ -80,11 +80,7 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """The quantized weight (rows, cols) in float32, columns in the layer's own order."""
         w = dequantize_ints(self.q, self.scales, self.zeros, self.groupsize, torch.float32)
-        if self.perm is None:
-            return w
-        out = torch.empty_like(w)
-        out[:, self.perm] = w
-        return out
+        return unpermute_columns(w, self.perm)
 
     def to_layer(self) -> PackedLinear:
         return PackedLinear.from_ints(self.q.to(torch.uint8), self.scales.half(), self.zeros, self.bits,

@@ -258,6 +258,15 @@ def dequantize_ints(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return w.view(rows, groups * groupsize)[:, :cols]
 
 
+def unpermute_columns(w: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """Columns stored in act-order `perm` back in the layer's own order: column j goes to perm[j]."""
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, perm.long()] = w
+    return out
+
+
 _triton_failed = []  # the error of a first kernel call that failed: later calls dequantize instead
 
 
@@ -333,12 +342,7 @@ class PackedLinear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        w = self.dequantize()
-        if self.perm is None:
-            return w
-        out = torch.empty_like(w)
-        out[:, self.perm.long()] = w
-        return out
+        return unpermute_columns(self.dequantize(), self.perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
@@ -346,8 +350,8 @@ class PackedLinear(nn.Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T. Without the Triton kernel, group by group from the integers: with
         w = s (q - z), y = sum over groups g of s_g (x_g . q_g) - s_g z_g sum(x_g), so the integers
-        become floats in one pass and no scaled copy of the weight is made (7x faster on CPU than
-        dequantizing, then multiplying)."""
+        become floats in one pass and no scaled copy of the weight is made (about 2x faster on CPU
+        than dequantizing, then multiplying: 1.7 vs 3.6 ms for a 1536x576 4-bit layer)."""
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         if x.is_cuda and self.bits in PACKED_BITS and triton_available():
@@ -383,11 +387,7 @@ class PackedEmbedding(PackedLinear):
         rows = idx.reshape(-1)
         q = unpack_int(self.qweight[rows], self.bits, self.in_features)
         w = dequantize_ints(q, self.scales[rows], self.zeros[rows], self.groupsize, self.scales.dtype)
-        if self.perm is not None:
-            out = torch.empty_like(w)
-            out[:, self.perm.long()] = w
-            w = out
-        return w.view(*idx.shape, self.in_features)
+        return unpermute_columns(w, self.perm).view(*idx.shape, self.in_features)
 
 
 # ---------------------------------------------------------------- packed checkpoints
