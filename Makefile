@@ -9,21 +9,28 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install model generate test clean
 
+# generate needs only the package; the tests add transformers, peft, lm-eval (the references) and
+# llama.cpp, built for this CPU by scripts/install_llama_cpp.sh (minutes, once per machine)
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed scripts/install_llama_cpp.sh
+	bash scripts/install_llama_cpp.sh $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test,eval]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-test
 
-model: install
+model: $(VENV)/.installed
 	$(BIN)/python scripts/prepare_default_model.py
 
 generate: model
 	$(BIN)/python generate.py --prompt "What is the capital of France?" --chat true --temperature 0
 
-test: install
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests -q --reruns 1  # one retry for timing-sensitive subprocess tests
 
 clean:

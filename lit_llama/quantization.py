@@ -67,6 +67,12 @@ def _linear4bit(linear: nn.Linear, mode: str, device=None) -> nn.Module:
     q.weight = Params4bit(w.detach(), requires_grad=False, quant_type=mode, module=q).to(device or w.device)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    # bitsandbytes, on CPUs with AVX512-BF16, repacks a Linear4bit's weight at its first inference
+    # forward for a bfloat16 kernel. The repacking fails on widths that are not whole 32-row tiles
+    # with whole scale blocks, and it is one-way: back in training mode the layer keeps the packed
+    # kernel, which has no backward, so the LoRA layers below it silently stop learning after an
+    # evaluation pass. QLoRA here trains and samples in the model's dtype: the generic path always.
+    q.support_avx512bf16_for_cpu = False
     return q
 
 

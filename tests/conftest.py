@@ -31,3 +31,17 @@ def run_script(*args, env=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+def top1_agreement(got, want, bound: float):
+    """Teacher-forced greedy agreement of two logit tensors (..., vocabulary): the fraction of
+    positions whose argmax is the same, and whether it is the same at every position where the top
+    two of `want` lie more than 2 * bound apart (there, logits that differ by at most `bound`, as
+    another CPU's kernels round them, cannot disagree; closer ties may go either way)."""
+    import torch
+
+    got, want = got.reshape(-1, got.size(-1)).float(), want.reshape(-1, want.size(-1)).float()
+    same = got.argmax(-1) == want.argmax(-1)
+    top2 = want.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * bound
+    return same.float().mean().item(), bool(same[decided].all())

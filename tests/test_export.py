@@ -13,18 +13,19 @@ width (176) that is not a whole number of Q8_0 blocks; and a byte-level BPE toke
 BOS only by the checkpoint's setting, with a user-defined (non-special) added token.
 """
 
+import importlib.util
 import io
 import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import gguf
 
-from conftest import run_script
+from conftest import run_script, top1_agreement
+from isolated import SubprocessCrashed, llama_cpp_run, run_isolated, segfault
 from lit_llama.checkpoint import load_model, load_state_dict, save_checkpoint
 from lit_llama.convert_gguf import convert_gguf_checkpoint
 from lit_llama.export import export_gguf, export_hf, halves_to_interleaved
@@ -39,15 +40,9 @@ SAMPLES = ["Hello, world!", "The  quick brown fox\njumps over\n\n the lazy dog."
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def has_llama_cpp() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_llama_cpp = pytest.mark.skipif(not has_llama_cpp(), reason="llama_cpp (pip install llama-cpp-python) is not installed")
+# found, not imported: even loading llama.cpp's library happens in the subprocesses only
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama_cpp (scripts/install_llama_cpp.sh) is not installed")
 
 
 def reader_fields(path: Path) -> dict:
@@ -377,19 +372,17 @@ def test_half_precision_checkpoint_exports_f16_by_default(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- llama.cpp
+# Every llama.cpp call runs in a subprocess (tests/isolated.py): a native crash fails its test alone.
+# Its kernels differ by CPU (AVX2, AVX-512, VNNI), so its roundings do too: the assertions bound
+# what the format allows, with greedy agreement where the top two logits are further apart than
+# that bound, and a stated agreement rate elsewhere.
 
 
-def llama_cpp(path: Path, n_ctx: int = 64):
-    from llama_cpp import Llama
-
-    # float32 KV cache (llama.cpp defaults to float16), so that only the summation order differs
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
-
-
-def llama_cpp_logits(llm, ids) -> torch.Tensor:
-    llm.reset()
-    llm.eval(list(ids))
-    return torch.tensor(np.array(llm.scores[: len(ids)]))
+def llama_cpp(path: Path, ids=(), n_ctx: int = 64, tokenize=()) -> dict:
+    out = run_isolated(llama_cpp_run, path, list(ids), n_ctx, list(tokenize), timeout=300)
+    if "logits" in out:
+        out["logits"] = torch.from_numpy(out["logits"])
+    return out
 
 
 @needs_llama_cpp
@@ -399,18 +392,17 @@ def test_llama_cpp_runs_the_embedded_f32_export(default_checkpoint, exported):
     ours, tok = load_model(default_checkpoint).eval(), Tokenizer(default_checkpoint)
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     ids = tok.encode(text).tolist()
-    llm = llama_cpp(path, n_ctx=256)
-    got = llama_cpp_logits(llm, ids)
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-    for t in SAMPLES:
-        assert llm.tokenize(t.encode(), add_bos=False, special=False) == tok.encode(t).tolist(), t
-    assert llm.metadata.get("tokenizer.chat_template") == tok.chat_template
-    llm.close()
-    want = ours(torch.tensor([ids]))[0]
+    out = llama_cpp(path, ids, n_ctx=256, tokenize=[(text, False, True)] + [(t, False, False) for t in SAMPLES])
+    assert out["tokens"][0] == ids
+    for t, got_ids in zip(SAMPLES, out["tokens"][1:]):
+        assert got_ids == tok.encode(t).tolist(), t
+    assert out["chat_template"] == tok.chat_template
+    got, want = out["logits"], ours(torch.tensor([ids]))[0]
     # llama.cpp sums in its own order: logits of up to ~40 agree to ~1e-4 (a wrong q/k order, norm
     # or tied output would be off by whole units; llama.cpp's default float16 KV cache by ~0.04)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    rate, decided = top1_agreement(got, want, bound=1e-3 * (1 + want.abs().max().item()))
+    assert decided and rate >= 0.95, rate
 
 
 @needs_llama_cpp
@@ -418,23 +410,25 @@ def test_llama_cpp_runs_the_embedded_f32_export(default_checkpoint, exported):
 @torch.no_grad()
 def test_llama_cpp_runs_the_embedded_half_and_q8_exports(default_checkpoint, exported, dtype):
     """llama.cpp reads our F16 and Q8_0 blocks: a wrong block layout would give unrelated logits.
-    Differences are rounding: of the weights, and for Q8_0 llama.cpp also rounds activations to 8 bits
-    (measured: F16 max 0.09 and all top-1 equal; Q8_0 mean 0.26, 92% of top-1 equal)."""
+    Differences are rounding: of the weights, and llama.cpp also rounds the activations, to 16 bits
+    for F16 and to 8 bits for Q8_0. Measured, 57 positions: F16 max 0.09 (AMD, AVX2) and 0.08
+    (Intel, AVX-512 build without AMX), every top-1 equal on AVX2 and 56 of 57 on AVX-512 (the
+    other's top two lie 0.011 apart); Q8_0 mean 0.26 on both, 92-93% of top-1 equal."""
     path = exported(default_checkpoint, "gguf", dtype)
     ours, tok = load_model(default_checkpoint).eval(), Tokenizer(default_checkpoint)
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Explain the "
                                      "history of the city in a few sentences."}]) + "The capital of France is Paris. It has"
     ids = tok.encode(text).tolist()
-    llm = llama_cpp(path, n_ctx=256)
-    got = llama_cpp_logits(llm, ids)
-    llm.close()
+    got = llama_cpp(path, ids, n_ctx=256)["logits"]
     want = ours(torch.tensor([ids]))[0]
-    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     if dtype == "f16":
-        torch.testing.assert_close(got, want, rtol=0, atol=0.3)
-        assert agree == 1.0
+        bound = 0.3
+        torch.testing.assert_close(got, want, rtol=0, atol=bound)
+        rate, decided = top1_agreement(got, want, bound)
+        assert decided and rate >= 0.95, rate
     else:
-        assert (got - want).abs().mean() < 0.6 and agree >= 0.8, ((got - want).abs().mean(), agree)
+        rate, _ = top1_agreement(got, want, 0.6)
+        assert (got - want).abs().mean() < 0.6 and rate >= 0.8, ((got - want).abs().mean(), rate)
 
 
 @needs_llama_cpp
@@ -444,13 +438,21 @@ def test_llama_cpp_runs_tiny_f32_exports(tiny, exported, case):
     ckpt = tiny(case)
     path = exported(ckpt, "gguf", "f32")
     ours, tok = load_model(ckpt).eval(), Tokenizer(ckpt)
-    llm = llama_cpp(path)
-    for t in SAMPLES:
-        assert llm.tokenize(t.encode(), add_bos=True, special=False) == tok.encode(t).tolist(), t
     ids = ids_for(ours.config.vocab_size, (1, 20))[0].tolist()
-    got = llama_cpp_logits(llm, ids)
-    llm.close()
-    torch.testing.assert_close(got, ours(torch.tensor([ids]))[0], rtol=1e-3, atol=1e-3)
+    out = llama_cpp(path, ids, tokenize=[(t, True, False) for t in SAMPLES])
+    for t, got_ids in zip(SAMPLES, out["tokens"]):
+        assert got_ids == tok.encode(t).tolist(), t
+    torch.testing.assert_close(out["logits"], ours(torch.tensor([ids]))[0], rtol=1e-3, atol=1e-3)
+
+
+def test_a_crash_in_the_subprocess_fails_only_the_caller():
+    """A segfault in a native call (as llama.cpp's AMX kernels give on Q8_0) is an AssertionError
+    naming the signal, in the test that made the call; this process lives on."""
+    with pytest.raises(SubprocessCrashed, match="segfault crashed its subprocess \\(killed by SIGSEGV\\)"):
+        run_isolated(segfault, timeout=120)
+    with pytest.raises(AssertionError, match="FileNotFoundError"):
+        run_isolated(Path.read_text, Path("/nonexistent/file"), timeout=120)
+    assert run_isolated(sum, [1, 2, 3], timeout=120) == 6
 
 
 # ---------------------------------------------------------------- bad input: one line, nothing written

@@ -254,6 +254,39 @@ def test_qlora_merge_dequantizes_and_keeps_the_logits():
     torch.testing.assert_close(merged(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(96, 64), (40, 64), (96, 176)])  # (out, in): whole 32-row tiles or not
+def test_4bit_layer_keeps_the_generic_cpu_path(shape):
+    """bitsandbytes, on CPUs with AVX512-BF16 (this kind of machine, not an AVX2-only one), would
+    repack a Linear4bit's weight at its first inference forward for a bfloat16 kernel: that fails
+    on shapes that are not whole 32-row tiles with whole 64-weight scale blocks, and it is one-way,
+    leaving a layer with no backward for the training steps after an evaluation pass. Our layers
+    keep the generic path on every CPU: any shape runs, in float32, and trains after evaluating."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbF
+
+    from lit_llama.quantization import dequantize_weight, quantize_linears
+
+    torch.manual_seed(0)
+    out_features, in_features = shape
+    block = nn.Sequential(nn.Linear(in_features, out_features))
+    model = nn.Module()
+    model.transformer = nn.Module()
+    model.transformer.h = nn.ModuleList([block])
+    quantize_linears(model, "nf4")
+    layer = block[0]
+    w = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    x = torch.randn(3, in_features)
+    with torch.no_grad():
+        y = layer.eval()(x)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(y, x @ w.T + layer.bias, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dequantize_weight(layer), w)
+    # training after the evaluation pass: the gradient reaches the layer's input
+    x.requires_grad_(True)
+    layer.train()(x).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * (x @ w.T + layer.bias).detach() @ w, rtol=1e-4, atol=1e-4)
+
+
 def test_quantize_rejects_unknown_modes():
     from lit_llama.quantization import quantize_linears
     from lit_llama.utils import UserError
