@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs llama-cpp-python, the llama.cpp peer of the tests and benchmarks, into PYTHON's environment:
 #   scripts/install_llama_cpp.sh [PYTHON]      (default: python3; `make test` passes the venv's)
+#   scripts/install_llama_cpp.sh --print-flags  (the CMAKE_ARGS it would build with, and nothing else)
 #
 # Why not a plain `pip install llama-cpp-python`: PyPI has only its source, and a native build
 # (-DGGML_NATIVE=ON, the default) on an Intel CPU with AMX compiles llama.cpp's AMX kernels, which
@@ -16,8 +17,9 @@ set -euo pipefail
 
 PYTHON=${1:-python3}
 VERSION=${LLAMA_CPP_VERSION:-0.3.36}
+CPUINFO=${CPUINFO:-/proc/cpuinfo}  # another file for the tests: the flags of the other kind of CPU
 
-has() { grep -qw "$1" /proc/cpuinfo 2>/dev/null; }
+has() { grep -qw "$1" "$CPUINFO" 2>/dev/null; }
 flag() { if has "$2"; then echo "-D$1=ON"; else echo "-D$1=OFF"; fi; }
 
 if [[ -z "${CMAKE_ARGS:-}" && "$(uname -m)" == "x86_64" ]]; then
@@ -28,6 +30,10 @@ if [[ -z "${CMAKE_ARGS:-}" && "$(uname -m)" == "x86_64" ]]; then
     CMAKE_ARGS+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 fi
 export CMAKE_ARGS=${CMAKE_ARGS:-}
+if [[ "$PYTHON" == "--print-flags" ]]; then
+    echo "$CMAKE_ARGS"
+    exit 0
+fi
 
 pytag=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 key=$(printf '%s|%s|%s|%s' "$VERSION" "$pytag" "$(uname -m)" "$CMAKE_ARGS" | sha256sum | cut -c1-16)
