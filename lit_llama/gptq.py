@@ -26,7 +26,6 @@ the quantized block's outputs are the next block's inputs.
 """
 
 import json
-import math
 import random
 import sys
 import time
@@ -260,7 +259,7 @@ def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int =
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to end a forward pass once the layer's input was seen."""
+    """Raised by the capture hook with the layer's input, to end the forward pass there."""
 
 
 @torch.no_grad()
@@ -271,20 +270,17 @@ def input_hessian(block: nn.Module, name: str, inputs: List[torch.Tensor],
     has its input (the rest of the block is not needed)."""
     layer = block.get_submodule(name)
     hessian = Hessian(layer.in_features, device=inputs[0].device)
-    current = [None]
 
     def record(module, args):
-        hessian.add(args[0], current[0])
-        raise _Captured
+        raise _Captured(args[0])
 
     handle = layer.register_forward_pre_hook(record)
     try:
-        for i, x in enumerate(inputs):
-            current[0] = weights[i] if weights is not None else None
+        for x, w in zip(inputs, weights or [None] * len(inputs)):
             try:
                 block(x, *rope)
-            except _Captured:
-                pass
+            except _Captured as captured:
+                hessian.add(captured.args[0], w)
     finally:
         handle.remove()
     return hessian

@@ -138,10 +138,7 @@ def dequantize_weight(linear: nn.Module) -> torch.Tensor:
     if getattr(w, "bnb_quantized", False):
         import bitsandbytes.functional as bnbF
 
-        if getattr(w.quant_state, "packing_format_for_cpu", False):
-            # on CPUs with AVX512-BF16, bitsandbytes repacks the weight at the first inference
-            # forward; unpack it (in place, as bitsandbytes' own state_dict does) to dequantize
-            w.data, w.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        # never repacked for bitsandbytes' CPU kernel: _linear4bit keeps the generic path
         return bnbF.dequantize_4bit(w.data, w.quant_state)
     if w.dtype == torch.int8:  # Linear8bitLt: int8 rows times their absmax / 127
         scb = getattr(w, "SCB", None)
