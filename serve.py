@@ -22,13 +22,19 @@ def main(
     api_key: Optional[str] = None,
     model_name: Optional[str] = None,
     max_queue: int = 64,
+    max_batch_size: int = 8,
+    max_seq_length: int = 4096,
+    prefix_cache_gb: float = 1.0,
+    compile: bool = False,
     default_max_tokens: int = 1024,
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (with "stream": true as
-    server-sent events), GET /v1/models, GET /health, and a web chat page at /. Requests wait in one
-    queue and run one at a time on the model.
+    server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus), and a web chat page
+    at /. Requests run together, as rows of one batch: a newcomer joins the running batch at the next
+    step and a finished one leaves it at once (continuous batching); a prompt that starts like a
+    recent one reuses its keys and values (prefix cache).
 
     Args:
         checkpoint_dir: the model's checkpoint directory (default: the embedded SmolLM2-135M-Instruct).
@@ -41,7 +47,14 @@ def main(
         api_key: if given, every /v1 request must send `Authorization: Bearer API_KEY` (default: the
             LIT_LLAMA_API_KEY environment variable, which keeps the key out of the process list).
         model_name: the model id clients name (default: the checkpoint directory's name).
-        max_queue: requests allowed to wait; more are answered 503.
+        max_queue: requests allowed to wait for a row of the batch; more are answered 503.
+        max_batch_size: requests decoded together (each choice of a request with n > 1 counts).
+        max_seq_length: tokens (prompt and answer) one request may hold in the KV cache; longer
+            requests are answered 400. Each row of the cache costs memory for this many positions.
+        prefix_cache_gb: memory for cache rows beyond max_batch_size that keep recent prompts'
+            keys and values for reuse (least recently used first out); 0: only the batch's rows.
+        compile: compile the batched decode step (a few graphs, one per batch-size and key-length
+            bucket, compiled as they are first needed; faster decoding after that).
         default_max_tokens: the longest answer of a chat request that sets no max_tokens (OpenAI's
             default is the rest of the context, which makes every such request pay for a KV cache of the
             whole context); 0 for the rest of the context.
@@ -51,13 +64,20 @@ def main(
     """
     from lit_llama.chat import load_chat_model
     from lit_llama.prompts import get_template
-    from lit_llama.serving import Engine, Server, create_app
+    from lit_llama.engine import cache_row_bytes
+    from lit_llama.serving import Jobs, Server, create_app
 
     api_key = api_key or os.environ.get("LIT_LLAMA_API_KEY") or None
     if not 0 <= port < 65536:
         raise UserError(f"--port must be in 0..65535, got {port}")
     if max_queue < 1:
         raise UserError(f"--max_queue must be at least 1, got {max_queue}")
+    if max_batch_size < 1:
+        raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    if max_seq_length < 2:
+        raise UserError(f"--max_seq_length must be at least 2, got {max_seq_length}")
+    if prefix_cache_gb < 0:
+        raise UserError(f"--prefix_cache_gb must be at least 0, got {prefix_cache_gb}")
     if default_max_tokens < 0:
         raise UserError(f"--default_max_tokens must be at least 0, got {default_max_tokens}")
     if template not in (None, "checkpoint"):
@@ -71,10 +91,16 @@ def main(
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
     fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
-                                                            template, quantize=quantize)
+                                                            template, quantize=quantize, compile=compile)
     name = model_name or Path(checkpoint_dir).name
-    server = Server(Engine(model, tokenizer, fmt, fabric.device, max_queue=max_queue), name, api_key,
-                    default_max_tokens=default_max_tokens or None)
+    max_seq_length = min(max_seq_length, model.config.block_size)
+    row = cache_row_bytes(model, max_seq_length)
+    rows = max_batch_size + int(prefix_cache_gb * 1e9 // row)
+    print(f"KV cache: {rows} rows of {max_seq_length} tokens ({rows * row / 1e9:.2f} GB), up to {max_batch_size} "
+          "decoding at once", file=sys.stderr, flush=True)
+    jobs = Jobs(model, tokenizer, fmt, fabric.device, max_queue=max_queue, max_batch_size=max_batch_size,
+                max_seq_length=max_seq_length, compile=compile, cache_rows=rows)
+    server = Server(jobs, name, api_key, default_max_tokens=default_max_tokens or None)
     app = create_app(server)
 
     import uvicorn

@@ -8,8 +8,10 @@ from lit_llama.model import LLaMA, linear
 from lit_llama.utils import UserError
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V). temperature 0 means greedy."""
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 means greedy; `generator`:
+    the random numbers' source (default: torch's global one)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -24,7 +26,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     # exponential race instead of torch.multinomial: same distribution, no host-device sync
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:

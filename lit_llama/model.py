@@ -120,7 +120,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, preallocated so decoding allocates nothing per token."""
+    """Keys and values of past positions, preallocated so decoding allocates nothing per token.
+
+    With one row of positions per sequence (input_pos (B, T)), the batch is the cache's rows
+    first_row .. first_row + B - 1 and each row is written at its own positions: the batched engine
+    (lit_llama/engine.py) keeps many sequences of different lengths in one cache this way."""
 
     def __init__(self, batch_size: int, n_groups: int, max_seq_length: int, head_size: int,
                  device=None, dtype=None):
@@ -128,11 +132,19 @@ class KVCache(nn.Module):
         shape = (batch_size, n_groups, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.first_row = 0
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+        if input_pos.dim() == 1:  # every row at the same positions
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k, self.v
+        rows = slice(self.first_row, self.first_row + k.size(0))
+        k_rows, v_rows = self.k[rows], self.v[rows]
+        b = torch.arange(k.size(0), device=k.device)[:, None]
+        k_rows[b, :, input_pos] = k.transpose(1, 2)
+        v_rows[b, :, input_pos] = v.transpose(1, 2)
+        return k_rows, v_rows
 
 
 class CausalSelfAttention(nn.Module):
@@ -157,8 +169,9 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
-            if mask is not None:  # attend over the cache; without a mask, a fresh prompt sees only itself
-                k, v = k_all, v_all
+            if mask is not None:  # attend over the cache (its first mask.size(-1) positions); without
+                # a mask, a fresh prompt sees only itself
+                k, v = k_all[:, :, : mask.size(-1)], v_all[:, :, : mask.size(-1)]
         y = self.attend(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, c.n_head * hs))
 
@@ -246,8 +259,8 @@ class LLaMA(nn.Module):
             pos = input_pos
             # a prompt written from position 0 attends causally to its own keys only (the rest of the
             # cache is empty): the plain causal kernel, not a masked pass over every cache slot
-            fresh_prompt = (T > 1 and positions is None and int(input_pos[0]) == 0
-                            and int(input_pos[-1]) == T - 1)
+            fresh_prompt = input_pos.dim() == 2 or (T > 1 and positions is None and int(input_pos[0]) == 0
+                                                    and int(input_pos[-1]) == T - 1)
             if mask is None and not fresh_prompt:
                 kv_len = self.transformer.h[0].attn.kv_cache.k.size(2)
                 mask = pos[:, None] >= torch.arange(kv_len, device=idx.device)[None, :]

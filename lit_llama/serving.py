@@ -1,29 +1,27 @@
-"""An OpenAI-compatible HTTP API over one model: the request schema, a worker thread that owns the
-model and runs queued requests one at a time, and the FastAPI app (serve.py runs it with uvicorn).
+"""An OpenAI-compatible HTTP API over one model: the request schema, the jobs that run on the
+batched engine (lit_llama/engine.py), and the FastAPI app (serve.py runs it with uvicorn).
 
-Requests are validated and tokenized on the event loop, then queued; the worker generates token
-by token and hands text pieces back to the request's own asyncio queue, so concurrent clients never
-see each other's tokens. A client that goes away (mid-stream, or while waiting) cancels its request:
-the worker drops it from the queue or stops it at the next token.
+Requests are validated and tokenized on the event loop, then queued; the engine's thread decodes
+every running request's next token in one batch and hands text pieces back to each request's own
+asyncio queue, so concurrent clients never see each other's tokens. A client that goes away
+(mid-stream, or while waiting) cancels its request: the engine drops it from the queue or frees its
+row at the next step.
 """
 
 import asyncio
 import hmac
 import json
-import queue
 import threading
 import time
-import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lit_llama.chat import TextStream
-from lit_llama.generation import generate
+from lit_llama.engine import Engine, EngineFull, Request, SamplingParams
 from lit_llama.prompts import ChatFormat
 from lit_llama.utils import UserError
 
@@ -152,7 +150,7 @@ def stop_list(stop) -> List[str]:
     return stops
 
 
-# ---------------------------------------------------------------- the worker that owns the model
+# ---------------------------------------------------------------- jobs on the batched engine
 
 
 @dataclass
@@ -168,98 +166,93 @@ class Job:
     seed: Optional[int]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    requests: List[Request] = field(default_factory=list)  # choice i is requests[i]
 
     def put(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def cancel(self) -> None:
+        for r in self.requests:
+            r.cancel()
 
-class Engine:
-    """The model, its tokenizer and chat format, and one thread that runs the queued jobs in order."""
+    @property
+    def cached_tokens(self) -> int:
+        # the prompt counts once however many choices it has: its first choice's cached tokens
+        return sum(self.requests[i * self.n].cached_tokens for i in range(len(self.prompts)))
 
-    def __init__(self, model, tokenizer, fmt: ChatFormat, device, max_queue: int = 64):
-        self.model, self.tokenizer, self.fmt, self.device = model, tokenizer, fmt, torch.device(device)
+
+class Jobs:
+    """The server's side of the engine: each job's choices become requests of the batched engine
+    (lit_llama/engine.py), which runs them as rows of one batch with the other jobs'; their text
+    comes back as events on the job's own asyncio queue."""
+
+    def __init__(self, model, tokenizer, fmt: ChatFormat, device, max_queue: int = 64, max_batch_size: int = 8,
+                 max_seq_length: Optional[int] = None, compile: bool = False, cache_rows: Optional[int] = None):
+        self.tokenizer, self.fmt = tokenizer, fmt
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length,
+                             cache_rows=cache_rows, compile=compile, max_waiting=max_queue, device=device)
+        self.capacity = self.engine.capacity
         self.block_size = model.config.block_size
-        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self.max_queue = max_queue
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "tokens": 0}
-        self.busy = False
-        self.thread = threading.Thread(target=self._work, name="lit_llama-engine", daemon=True)
-        self.thread.start()
+        self._lock = threading.Lock()
+        self.engine.start()
 
     def submit(self, job: Job) -> None:
-        if self.jobs.qsize() >= self.max_queue:
-            raise APIError(503, f"The server is busy ({self.jobs.qsize()} requests waiting). Try again later.",
+        params = SamplingParams(max_new_tokens=job.max_tokens, temperature=job.temperature, top_k=job.top_k,
+                                top_p=job.top_p, stop_ids=tuple(job.stop_ids), stop_strings=tuple(job.stop_strings))
+        remaining = [len(job.prompts) * job.n]
+        for prompt in job.prompts:
+            for _ in range(job.n):
+                index = len(job.requests)
+                seed = None if job.seed is None else hash((job.seed, index)) & (2 ** 63 - 1)
+                job.requests.append(Request(prompt, replace(params, seed=seed),
+                                            on_update=lambda r, piece, i=index: self._update(job, i, r, piece, remaining)))
+        try:
+            self.engine.submit(*job.requests)
+        except EngineFull:
+            raise APIError(503, f"The server is busy ({self.engine.queued()} requests waiting). Try again later.",
                            type="server_error", code="queue_full")
-        self.jobs.put(job)
+        except UserError as e:
+            raise APIError(400, str(e))
+
+    def _update(self, job: Job, index: int, r: Request, piece: str, remaining: List[int]) -> None:
+        # on the engine's thread
+        if piece:
+            job.put("text", index, piece)
+        if r.finish_reason is None:
+            return
+        if r.finish_reason == "error":
+            job.put("error", r.error)
+        elif r.finish_reason != "cancelled":
+            job.put("finish", index, r.finish_reason, len(r.tokens))
+        with self._lock:
+            self.stats["tokens"] += len(r.tokens)
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+            reasons = {q.finish_reason for q in job.requests}
+            key = "failed" if "error" in reasons else "cancelled" if "cancelled" in reasons else "served"
+            self.stats[key] += 1
+        job.put("done")
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.busy
+
+    def queued(self) -> int:
+        return self.engine.queued()
 
     def close(self) -> None:
-        self.jobs.put(None)
-
-    def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            self.busy = True  # before the queue looks empty, so that queued + busy never reads 0 + False early
-            if job.cancelled.is_set():
-                self.stats["cancelled"] += 1
-                self.busy = False
-                continue
-            try:
-                if job.seed is not None:
-                    torch.manual_seed(job.seed)
-                index = 0
-                for prompt in job.prompts:
-                    for _ in range(job.n):
-                        if not job.cancelled.is_set():
-                            self._choice(job, index, prompt)
-                        index += 1
-                self.stats["cancelled" if job.cancelled.is_set() else "served"] += 1
-                job.put("done")
-            except Exception as e:  # a bug or a device error: this request fails, the server goes on
-                traceback.print_exc()
-                self.stats["failed"] += 1
-                job.put("error", f"{type(e).__name__}: {e}")
-            finally:
-                self.busy = False
-
-    def _fit_cache(self, length: int) -> None:
-        # generate() grows the KV cache to what a request needs and keeps it; attention runs over the
-        # whole cache, so after one long request every short one would pay for it: drop a cache far
-        # larger than this request needs (generate() then allocates one that fits)
-        attn = self.model.transformer.h[0].attn
-        if attn.kv_cache is not None and attn.kv_cache.k.size(2) > max(2 * length, 1024):
-            self.model.clear_kv_cache()
-
-    def _choice(self, job: Job, index: int, prompt: List[int]) -> None:
-        self._fit_cache(len(prompt) + job.max_tokens)
-        stream = TextStream(self.tokenizer.decode, job.stop_strings)
-        x = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        count = 0
-        for token in generate(self.model, x, job.max_tokens, temperature=job.temperature, top_k=job.top_k,
-                              top_p=job.top_p, stop_ids=job.stop_ids):
-            count += 1
-            piece = stream.add(token)
-            if piece:
-                job.put("text", index, piece)
-            if stream.stopped or job.cancelled.is_set():
-                break
-        rest = stream.flush()
-        if rest and not stream.stopped:
-            job.put("text", index, rest)
-        self.stats["tokens"] += count
-        # generate() ends early only at a stop token (the prompt plus max_tokens fit the context)
-        reason = "stop" if stream.stopped or count < job.max_tokens else "length"
-        job.put("finish", index, reason, count)
+        self.engine.close()
 
 
 # ---------------------------------------------------------------- the HTTP app
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _sse(obj) -> str:
@@ -269,7 +262,7 @@ def _sse(obj) -> str:
 class Server:
     """The request handling, apart from FastAPI's routing (create_app)."""
 
-    def __init__(self, engine: Engine, model_name: str, api_key: Optional[str] = None,
+    def __init__(self, engine: Jobs, model_name: str, api_key: Optional[str] = None,
                  default_max_tokens: Optional[int] = None):
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.default_max_tokens = default_max_tokens  # for chat requests without max_tokens; None: the context
@@ -298,15 +291,19 @@ class Server:
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"Invalid '{param}': {max_tokens}. It must be at least 1.", param=param,
                            code="invalid_value")
-        if longest >= self.engine.block_size or (max_tokens or 0) + longest > self.engine.block_size:
-            raise APIError(400, f"This model's maximum context length is {self.engine.block_size} tokens. However, "
-                                f"you requested {longest + (max_tokens or 0)} tokens ({longest} in the prompt, "
-                                f"{max_tokens or 0} for the completion). Please reduce the prompt or {param}.",
-                           param=param if longest < self.engine.block_size else "messages",
-                           code="context_length_exceeded")
+        # a request's prompt and answer share one row of the KV cache: its length is the limit
+        limit = self.engine.capacity
+        if longest >= limit or (max_tokens or 0) + longest > limit:
+            what = ("This model's maximum context length" if limit == self.engine.block_size
+                    else "This server's KV cache holds at most" + f" {limit} tokens per request (--max_seq_length), and its"
+                    " maximum context length")
+            raise APIError(400, f"{what} is {limit} tokens. However, you requested {longest + (max_tokens or 0)} "
+                                f"tokens ({longest} in the prompt, {max_tokens or 0} for the completion). Please reduce "
+                                f"the prompt or {param}.",
+                           param=param if longest < limit else "messages", code="context_length_exceeded")
         if max_tokens is not None:
             return max_tokens
-        return min(self.default_max_tokens or self.engine.block_size, self.engine.block_size - longest)
+        return min(self.default_max_tokens or limit, limit - longest)
 
     def job(self, prompts, max_tokens, stop_ids, stop_strings, n, sampling) -> Job:
         return Job(prompts=prompts, n=n, max_tokens=max_tokens, stop_ids=stop_ids, stop_strings=stop_strings,
@@ -346,7 +343,7 @@ class Server:
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                              "finish_reason": reasons[i]} for i in range(req.n)],
-                "usage": _usage(len(prompt), sum(counts))}
+                "usage": _usage(len(prompt), sum(counts), job.cached_tokens)}
 
     async def completions(self, raw: bytes, request):
         req = parse_body(raw, CompletionRequest)
@@ -381,20 +378,27 @@ class Server:
         texts, reasons, counts = await self._collect(job, request, total)
         return {**head, "choices": [{"index": i, "text": echo[i] + texts[i], "logprobs": None,
                                      "finish_reason": reasons[i]} for i in range(total)],
-                "usage": _usage(prompt_tokens, sum(counts))}
+                "usage": _usage(prompt_tokens, sum(counts), job.cached_tokens)}
 
     # -------- results
 
     async def _events(self, job: Job, request=None):
         """The job's events until it is done; cancels it if the caller stops listening (a streaming
         client went away) or, for a plain request, if the client disconnects."""
+        checked = time.monotonic()
         try:
             while True:
+                event = None
                 try:
                     event = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    pass
+                # every half second, events or not (a batched job's tokens keep coming)
+                if request is not None and time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 if event[0] == "error":
                     raise APIError(500, f"The server failed while generating: {event[1]}", type="server_error")
@@ -402,7 +406,7 @@ class Server:
                     return
                 yield event
         finally:
-            job.cancelled.set()  # no effect once it is done; stops it (or drops it from the queue) otherwise
+            job.cancel()  # no effect once it is done; stops it (or drops it from the queue) otherwise
 
     async def _collect(self, job: Job, request, total: int):
         texts, reasons, counts = [""] * total, [None] * total, [0] * total
@@ -435,7 +439,7 @@ class Server:
             yield _sse(e.body())
             return
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, total)})
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, total, job.cached_tokens)})
         yield "data: [DONE]\n\n"
 
     async def _stream_completion(self, job: Job, head: dict, prompt_tokens: int, include_usage: bool, echo):
@@ -459,7 +463,7 @@ class Server:
             yield _sse(e.body())
             return
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, total)})
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, total, job.cached_tokens)})
         yield "data: [DONE]\n\n"
 
     def authorized(self, headers) -> Optional[APIError]:
@@ -482,16 +486,39 @@ class Server:
 
     def health(self) -> dict:
         e = self.engine
-        return {"status": "ok", "model": self.model_name, "queued": e.jobs.qsize(), "busy": e.busy, **e.stats}
+        return {"status": "ok", "model": self.model_name, "queued": e.queued(), "busy": e.busy, **e.stats}
+
+    def metrics(self) -> str:
+        """The engine's counters and gauges in Prometheus' text format, under llama.cpp's server's names
+        where it has one."""
+        m = self.engine.engine.metrics()
+        rows = [("prompt_tokens_total", "counter", "prompt tokens of the requests admitted", m["prompt_tokens"]),
+                ("tokens_predicted_total", "counter", "tokens generated", m["generated_tokens"]),
+                ("prompt_tokens_cached_total", "counter", "prompt tokens whose keys and values came from the prefix "
+                 "cache", m["cached_prompt_tokens"]),
+                ("prefix_cache_hits_total", "counter", "requests that reused a cached prefix", m["prefix_cache_hits"]),
+                ("requests_finished_total", "counter", "requests finished (stop or length)", m["finished"]),
+                ("requests_cancelled_total", "counter", "requests cancelled (the client went away)", m["cancelled"]),
+                ("requests_failed_total", "counter", "requests that failed", m["failed"]),
+                ("decode_steps_total", "counter", "batched decode steps", m["steps"]),
+                ("requests_processing", "gauge", "requests running (decoding or being prefilled)", m["requests_running"]),
+                ("requests_deferred", "gauge", "requests waiting for a row", m["requests_waiting"]),
+                ("predicted_tokens_seconds", "gauge", "generated tokens per second over the last steps",
+                 m["tokens_per_second"])]
+        out = []
+        for name, kind, help, value in rows:
+            out += [f"# HELP lit_llama:{name} {help}", f"# TYPE lit_llama:{name} {kind}", f"lit_llama:{name} {value}"]
+        return "\n".join(out) + "\n"
 
 
 WEB_PAGE = Path(__file__).with_name("static") / "chat.html"
 
 
 def create_app(server: Server):
-    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /health, and the web chat at /."""
+    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, and the web
+    chat at /."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
 
@@ -552,6 +579,10 @@ def create_app(server: Server):
     @app.get("/health")
     async def health():
         return server.health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
