@@ -47,10 +47,10 @@ def main(
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
         quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
             gptq.int3 for a checkpoint written by quantize/gptq.py.
-        compile: compile the decode step with torch.compile.
+        compile: compile the decode step with torch.compile (one graph per key-length bucket).
     """
     from lit_llama.chat import ChatSession, load_chat_model, run_chat
-    from lit_llama.generation import check_sampling_args, compile_decode_step, decode_step
+    from lit_llama.generation import check_sampling_args
     from lit_llama.prompts import get_template
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
@@ -61,9 +61,9 @@ def main(
     fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
                                                             template, quantize=quantize, compile=compile)
     fabric.seed_everything(seed, verbose=False)
-    step = compile_decode_step(fabric.device) if compile else decode_step
     session = ChatSession(model, tokenizer, fmt, fabric.device, system=system, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, max_seq_length=max_seq_length, step=step)
+                          temperature=temperature, top_k=top_k, top_p=top_p, max_seq_length=max_seq_length,
+                          compile=compile)
     print(f"Chatting with {Path(checkpoint_dir).name} (template {fmt.template.name}: {source}; context "
           f"{session.context} tokens). /reset clears the history, /exit leaves, Ctrl-C stops an answer.",
           file=sys.stderr, flush=True)

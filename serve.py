@@ -52,7 +52,8 @@ def main(
         max_seq_length: tokens (prompt and answer) one request may hold in the KV cache; longer
             requests are answered 400. Each row of the cache costs memory for this many positions.
         prefix_cache_gb: memory for cache rows beyond max_batch_size that keep recent prompts'
-            keys and values for reuse (least recently used first out); 0: only the batch's rows.
+            keys and values for reuse (a request takes the row sharing the longest prefix with its
+            prompt, else the least recently used); 0: no prefix cache, every prompt is computed.
         compile: compile the batched decode step (a few graphs, one per batch-size and key-length
             bucket, compiled as they are first needed; faster decoding after that).
         default_max_tokens: the longest answer of a chat request that sets no max_tokens (OpenAI's
@@ -97,9 +98,9 @@ def main(
     row = cache_row_bytes(model, max_seq_length)
     rows = max_batch_size + int(prefix_cache_gb * 1e9 // row)
     print(f"KV cache: {rows} rows of {max_seq_length} tokens ({rows * row / 1e9:.2f} GB), up to {max_batch_size} "
-          "decoding at once", file=sys.stderr, flush=True)
+          f"decoding at once, prefix cache {'on' if prefix_cache_gb > 0 else 'off'}", file=sys.stderr, flush=True)
     jobs = Jobs(model, tokenizer, fmt, fabric.device, max_queue=max_queue, max_batch_size=max_batch_size,
-                max_seq_length=max_seq_length, compile=compile, cache_rows=rows)
+                max_seq_length=max_seq_length, compile=compile, cache_rows=rows, prefix_cache=prefix_cache_gb > 0)
     server = Server(jobs, name, api_key, default_max_tokens=default_max_tokens or None)
     app = create_app(server)
 

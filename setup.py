@@ -39,5 +39,7 @@ setup(
                  "websocket-client", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # evaluate/harness.py (EleutherAI's lm-eval) and the standard perplexity sets of evaluate/*.py
         "eval": ["lm_eval>=0.4", "datasets"],
+        # benchmarks/serve_load.py runs llama-cpp-python's server (llama_cpp.server) beside serve.py: its extras
+        "bench": ["sse-starlette", "starlette-context", "pydantic-settings"],
     },
 )

@@ -1,82 +1,47 @@
 """Multi-turn chat: a session that keeps the history, renders it with the chat template, trims the
-oldest turns to fit the context, and streams the answer with the template's stop strings applied.
-Also the pieces that serving shares: the text stream with stop strings, and loading a checkpoint
-with optional finetuned weights."""
+oldest turns to fit the context, and streams the answer with the template's stop strings applied,
+through the batched engine (whose prefix cache keeps the conversation's keys and values between
+turns). Also loading a checkpoint with optional finetuned weights, which serving shares."""
 
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Callable, Iterator, List, Optional, TextIO, Tuple
 
-import torch
-
-from lit_llama.generation import decode_step, generate
+from lit_llama.engine import Engine, Request, SamplingParams
 from lit_llama.prompts import ChatFormat
 from lit_llama.utils import UserError
 
 
-class TextStream:
-    """Turns generated token ids into text pieces, as they arrive, and stops at a stop string.
-
-    The whole sequence is decoded each time and the new suffix emitted (SentencePiece spaces and
-    multi-byte characters stay right); text that could be the beginning of a stop string is held
-    back until it is clear it is not one, so a stop string is never shown, even in part."""
-
-    def __init__(self, decode: Callable[[list], str], stop_strings: Sequence[str] = ()):
-        self.decode = decode
-        self.stops = [s for s in stop_strings if s]
-        self.longest = max((len(s) for s in self.stops), default=0)
-        self.ids: List[int] = []
-        self.text = ""  # the answer so far, stop string excluded
-        self._emitted = 0
-        self.stopped = False  # a stop string was found
-
-    def add(self, token: int) -> str:
-        """The text that can be shown after `token` ("" if none yet); sets `stopped` at a stop string."""
-        self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character
-            return ""
-        safe = len(text)
-        if self.stops:
-            start = max(0, self._emitted - self.longest)
-            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.stopped = True
-                return self._emit(text[: min(hits)], min(hits))
-            safe -= max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._emit(text, safe)
-
-    def _emit(self, text: str, upto: int) -> str:
-        piece = text[self._emitted: upto] if upto > self._emitted else ""
-        self._emitted = max(self._emitted, upto)
-        self.text = text[: self._emitted]
-        return piece
-
-    def flush(self) -> str:
-        """What was held back, at the end of generation (nothing after a stop string)."""
-        if self.stopped or not self.ids:
-            return ""
-        text = self.decode(self.ids)
-        return self._emit(text, len(text))
-
-
 class ChatSession:
-    """One conversation with a model: `respond(message)` streams the answer and remembers the turn."""
+    """One conversation with a model: `respond(message)` streams the answer and remembers the turn.
+
+    The answers run on the batched engine with one row: after a turn its row keeps the keys and
+    values of the conversation so far, so the next turn's prompt, which starts with them, prefills
+    only its new tokens (the engine's prefix cache). When old turns are left out to fit the context
+    the prompt starts differently and is computed again in full."""
 
     def __init__(self, model, tokenizer, fmt: ChatFormat, device, *, system: Optional[str] = None,
                  max_new_tokens: int = 512, temperature: float = 0.7, top_k: Optional[int] = 50, top_p: float = 1.0,
-                 max_seq_length: Optional[int] = None, step: Callable = decode_step):
+                 max_seq_length: Optional[int] = None, compile: bool = False):
         self.model, self.tokenizer, self.fmt, self.device = model, tokenizer, fmt, device
         self.system = system or None
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         block = model.config.block_size
         self.context = min(block, max_seq_length) if max_seq_length else block
-        self.step = step
+        self.compile = compile
+        self._engine: Optional[Engine] = None  # made at the first answer
         self.history: List[dict] = []  # user and assistant messages, oldest first
         self.dropped = 0  # turns dropped from the history to fit the context, in total
 
     def reset(self) -> None:
         self.history = []
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, max_batch_size=1, cache_rows=1,
+                                  max_seq_length=self.context, compile=self.compile, device=self.device)
+        return self._engine
 
     def messages(self, history: List[dict], message: str) -> List[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -110,22 +75,28 @@ class ChatSession:
             self.history = history
             self.dropped += dropped
             self.on_trim(dropped)
-        stream = TextStream(self.tokenizer.decode, self.fmt.stop_strings)
-        prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
         max_new = min(self.max_new_tokens, self.context - len(ids))
+        pieces: List[str] = []
+        params = SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                stop_ids=tuple(self.fmt.stop_ids), stop_strings=tuple(self.fmt.stop_strings))
+        request = Request(ids, params, on_update=lambda r, piece: pieces.append(piece))
+        engine = self.engine
+        engine.submit(request)
         try:
-            for token in generate(self.model, prompt, max_new, temperature=self.temperature, top_k=self.top_k,
-                                  top_p=self.top_p, stop_ids=self.fmt.stop_ids, step=self.step):
-                piece = stream.add(token)
-                if piece:
-                    yield piece
-                if stream.stopped:
-                    break
-            rest = stream.flush()
-            if rest:
-                yield rest
+            while request.finish_reason is None:
+                engine.step()
+                while pieces:
+                    piece = pieces.pop(0)
+                    if piece:
+                        yield piece
+            if request.finish_reason == "error":
+                raise RuntimeError(request.error)
         finally:
-            self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": stream.text}]
+            if request.finish_reason is None:  # stopped by the caller (Ctrl-C): free the row
+                request.cancel()
+                engine.step()
+            self.last_request = request
+            self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": request.text}]
 
     def on_trim(self, dropped: int) -> None:
         """Called when old turns are dropped to fit the context (the CLI says so on stderr)."""

@@ -31,8 +31,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence
 import torch
 import torch._dynamo
 
-from lit_llama.chat import TextStream
-from lit_llama.generation import sample
+from lit_llama.generation import TextStream, sample
 from lit_llama.model import LLaMA
 from lit_llama.utils import UserError
 
@@ -117,7 +116,7 @@ class Engine:
 
     def __init__(self, model: LLaMA, tokenizer=None, *, max_batch_size: int = 8, max_seq_length: Optional[int] = None,
                  cache_rows: Optional[int] = None, prefill_chunk: int = 256, compile: bool = False,
-                 max_waiting: int = 64, device=None):
+                 max_waiting: int = 64, prefix_cache: bool = True, device=None):
         if max_batch_size < 1:
             raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
         if prefill_chunk < 1:
@@ -128,6 +127,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.n_rows = max(cache_rows or 2 * max_batch_size, max_batch_size)
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
         self.max_waiting = max_waiting
         w = model.transformer.ln_f.weight
         self.device = torch.device(device) if device is not None else w.device
@@ -274,7 +274,8 @@ class Engine:
             self.stats["prompt_tokens"] += len(r.prompt)
             free = [i for i, row in enumerate(self.rows) if row.owner is None]
             # the free row sharing the longest prefix; else the least recently used
-            shared = {i: _common_prefix(self.rows[i].tokens, r.prompt, len(r.prompt) - 1) for i in free}
+            shared = {i: _common_prefix(self.rows[i].tokens, r.prompt, len(r.prompt) - 1) if self.prefix_cache else 0
+                      for i in free}
             best = max(free, key=lambda i: (shared[i], self.rows[i].last_used if shared[i] else -self.rows[i].last_used))
             row = self.rows[best]
             row.tokens = row.tokens[: shared[best]]

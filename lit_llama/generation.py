@@ -1,6 +1,6 @@
 """Autoregressive generation: prefill, then one token at a time through the KV cache."""
 
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -134,20 +134,62 @@ def generate(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, *, tempera
             logits = step(model, token.view(1, 1), torch.tensor([T + i], device=device))
 
 
+class TextStream:
+    """Turns generated token ids into text pieces, as they arrive, and stops at a stop string.
+
+    The whole sequence is decoded each time and the new suffix emitted (SentencePiece spaces and
+    multi-byte characters stay right); text that could be the beginning of a stop string is held
+    back until it is clear it is not one, so a stop string is never shown, even in part."""
+
+    def __init__(self, decode: Callable[[list], str], stop_strings: Sequence[str] = ()):
+        self.decode = decode
+        self.stops = [s for s in stop_strings if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.ids: List[int] = []
+        self.text = ""  # the answer so far, stop string excluded
+        self._emitted = 0
+        self.stopped = False  # a stop string was found
+
+    def add(self, token: int) -> str:
+        """The text that can be shown after `token` ("" if none yet); sets `stopped` at a stop string."""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            return ""
+        safe = len(text)
+        if self.stops:
+            start = max(0, self._emitted - self.longest)
+            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.stopped = True
+                return self._emit(text[: min(hits)], min(hits))
+            safe -= max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text, safe)
+
+    def _emit(self, text: str, upto: int) -> str:
+        piece = text[self._emitted: upto] if upto > self._emitted else ""
+        self._emitted = max(self._emitted, upto)
+        self.text = text[: self._emitted]
+        return piece
+
+    def flush(self) -> str:
+        """What was held back, at the end of generation (nothing after a stop string)."""
+        if self.stopped or not self.ids:
+            return ""
+        text = self.decode(self.ids)
+        return self._emit(text, len(text))
+
+
 def stream_text(decode: Callable[[list], str], tokens: Iterable[int]) -> Iterator[str]:
-    """Text pieces as tokens arrive. Decoding the whole sequence and emitting the new suffix keeps
-    SentencePiece spaces and multi-byte characters right (a lone piece of one decodes to U+FFFD)."""
-    ids, emitted = [], ""
+    """Text pieces as tokens arrive (TextStream without stop strings)."""
+    stream = TextStream(decode)
     for t in tokens:
-        ids.append(t)
-        text = decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        yield text[len(emitted):]
-        emitted = text
-    text = decode(ids)
-    if len(text) > len(emitted):
-        yield text[len(emitted):]
+        piece = stream.add(t)
+        if piece:
+            yield piece
+    rest = stream.flush()
+    if rest:
+        yield rest
 
 
 def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Optional[Callable] = None,

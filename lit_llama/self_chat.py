@@ -291,7 +291,7 @@ class SelfChat:
 
     def turn(self, text: str) -> Tuple[str, str]:
         """(the next turn's text, how it ended: "tag", "stop" (end of turn/text) or "length")."""
-        from lit_llama.chat import TextStream
+        from lit_llama.generation import TextStream
         from lit_llama.generation import generate
 
         ids = self.encode(text)
@@ -473,7 +473,7 @@ def best_of(samples: Sequence[str], scores) -> Tuple[int, float]:
 def sample_answers(model, fmt, device, messages: Sequence[dict], n: int, *, max_new_tokens: int = 256,
                    temperature: float = 0.7, top_k: Optional[int] = 50, top_p: float = 1.0) -> Tuple[List[str], int]:
     """(n sampled answers to the conversation `messages`, tokens generated)."""
-    from lit_llama.chat import TextStream
+    from lit_llama.generation import TextStream
     from lit_llama.generation import generate
 
     ids = fmt.prompt_ids(messages)

@@ -187,10 +187,12 @@ class Jobs:
     comes back as events on the job's own asyncio queue."""
 
     def __init__(self, model, tokenizer, fmt: ChatFormat, device, max_queue: int = 64, max_batch_size: int = 8,
-                 max_seq_length: Optional[int] = None, compile: bool = False, cache_rows: Optional[int] = None):
+                 max_seq_length: Optional[int] = None, compile: bool = False, cache_rows: Optional[int] = None,
+                 prefix_cache: bool = True):
         self.tokenizer, self.fmt = tokenizer, fmt
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length,
-                             cache_rows=cache_rows, compile=compile, max_waiting=max_queue, device=device)
+                             cache_rows=cache_rows, compile=compile, max_waiting=max_queue, prefix_cache=prefix_cache,
+                             device=device)
         self.capacity = self.engine.capacity
         self.block_size = model.config.block_size
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "tokens": 0}

@@ -185,3 +185,25 @@ def test_bad_flags_are_one_clear_line(args, message, default_checkpoint, capsys)
     code, stderr = run_main("chat.py", args, capsys)
     lines = stderr.strip().splitlines()
     assert code == 1 and len(lines) == 1 and message in lines[0] and lines[0].startswith("error:"), stderr
+
+
+def test_the_next_turn_prefills_only_its_new_tokens(default_checkpoint):
+    """Turn 2 takes turn 1's keys and values from the session's cache row; its answer equals that of
+    a fresh session given the same history, which computes the whole prompt."""
+    from lit_llama.generation import load_for_inference
+
+    _, model, tok = load_for_inference(default_checkpoint, "32-true")
+    fmt = ChatFormat(get_template("checkpoint", tok), tok)
+    kw = dict(max_new_tokens=16, temperature=0, max_seq_length=512)
+    session = ChatSession(model, tok, fmt, "cpu", **kw)
+    first = "".join(session.respond("My name is Zorbo. Tell me a short fact about the sea."))
+    first_prompt = len(session.last_request.prompt)
+    second = "".join(session.respond("What is my name?"))
+    reused = session.last_request.cached_tokens
+    assert reused > first_prompt and reused > len(session.last_request.prompt) - 20
+    fresh = ChatSession(model, tok, fmt, "cpu", **kw)
+    fresh.history = session.history[:2]
+    assert "".join(fresh.respond("What is my name?")) == second
+    assert fresh.last_request.cached_tokens == 0
+    assert first and session.engine.stats["prefix_cache_hits"] == 1
+    model.clear_kv_cache()

@@ -214,3 +214,12 @@ def test_a_thread_serves_requests_submitted_from_others(model, prompts, alone):
     finally:
         engine.close()
     m.clear_kv_cache()
+
+
+def test_without_the_prefix_cache_every_prompt_is_computed(model, prompts):
+    m, tok = model
+    engine = Engine(m, tok, max_batch_size=1, max_seq_length=256, prefix_cache=False)
+    a, b = engine.run([Request(prompts[0], SamplingParams(max_new_tokens=4)) for _ in range(2)])
+    assert (a.cached_tokens, b.cached_tokens, engine.stats["prefix_cache_hits"]) == (0, 0, 0)
+    assert a.tokens == b.tokens
+    m.clear_kv_cache()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_llama.chat import TextStream
+from lit_llama.generation import TextStream
 from lit_llama.prompts import (BUILTIN, ChatFormat, JinjaChatTemplate, choose_template, get_template,
                                instruction_prompt, render_jinja, save_template_name)
 from lit_llama.tokenizer import Tokenizer
