@@ -39,6 +39,7 @@ class LitLLaMALM(TemplateLM):
         block_size = self.model.config.block_size
         self.max_length = min(int(max_length or block_size), block_size)
         self.max_gen_toks = int(max_gen_toks)
+        self._engine = None  # made at the first generate_until
 
     @property
     def eot_token_id(self) -> int:
@@ -93,32 +94,34 @@ class LitLLaMALM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        out = []
+        """All requests as rows of one batch on the engine (lit_llama/engine.py), each with its own
+        stop strings (`until`) and length."""
+        from lit_llama.engine import Engine, Request, SamplingParams
+
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, max_batch_size=8, max_seq_length=self.max_length,
+                                  cache_rows=8, device=self.device)
+        batch = []
         for context, gen_kwargs in [r.args for r in requests]:
-            text = self._generate(context, dict(gen_kwargs or {}))
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
+            # keep room for the answer inside the context
+            max_new = min(max_new, self.max_length - 1)
+            ids = self.tok_encode(context)[-(self.max_length - max_new):]
+            params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
+                                    stop_ids=tuple(self.tokenizer.stop_ids), stop_strings=tuple(until))
+            batch.append(Request(ids, params))
+        # the engine's queue is bounded: submit in slices
+        for i in range(0, len(batch), self._engine.max_waiting):
+            self._engine.run(batch[i:i + self._engine.max_waiting])
+        out = []
+        for (context, gen_kwargs), r in zip([r.args for r in requests], batch):
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), r.text)
+            out.append(r.text)
         return out
-
-    def _generate(self, context: str, gen_kwargs: dict) -> str:
-        from lit_llama.generation import generate, stream_text
-
-        until = gen_kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-        temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
-        # keep room for the answer inside the context
-        ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-        prompt = torch.tensor(ids, device=self.device)
-        text = ""
-        for piece in stream_text(self.tokenizer.decode, generate(self.model, prompt, max_new, temperature=temperature,
-                                                                  stop_ids=self.tokenizer.stop_ids)):
-            text += piece
-            if any(u in text for u in until):
-                break
-        for u in until:
-            text = text.split(u)[0]
-        return text
 
 
 def load_tasks(tasks: List[str], include_path: Optional[str] = None):

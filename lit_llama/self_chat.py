@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from lit_llama.engine import Engine, Request, SamplingParams
 from lit_llama.utils import UserError
 
 HUMAN, AI = "[|Human|]", "[|AI|]"  # Baize's speaker tags (lit_llama.prompts' "baize" template stops at them)
@@ -277,6 +278,7 @@ class SelfChat:
         self.stop_ids = fmt.stop_ids if fmt is not None else list(tokenizer.stop_ids)
         self.stop_strings = [HUMAN, AI]
         self.tokens = 0  # generated, in total
+        self._engine: Optional[Engine] = None  # made at the first turn
 
     def prefix(self, seed: str) -> str:
         instruction = self.instruction.format(seed=seed)
@@ -290,28 +292,25 @@ class SelfChat:
         return self.tokenizer.encode(text).tolist()
 
     def turn(self, text: str) -> Tuple[str, str]:
-        """(the next turn's text, how it ended: "tag", "stop" (end of turn/text) or "length")."""
-        from lit_llama.generation import TextStream
-        from lit_llama.generation import generate
-
+        """(the next turn's text, how it ended: "tag", "stop" (end of turn/text) or "length"). Each
+        turn's prompt is the transcript so far: the engine's one row keeps its keys and values, so a
+        turn prefills only what was added since the last one."""
         ids = self.encode(text)
         room = self.model.config.block_size - len(ids)
         if room < 2:
             return "", "length"
-        max_new = min(self.max_new_tokens, room)
-        stream, n = TextStream(self.tokenizer.decode, self.stop_strings), 0
-        prompt = torch.tensor(ids, dtype=torch.long, device=self.device)
-        for token in generate(self.model, prompt, max_new, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, stop_ids=self.stop_ids):
-            n += 1
-            stream.add(token)
-            if stream.stopped:
-                break
-        self.tokens += n
-        if stream.stopped:
-            return stream.text, "tag"
-        stream.flush()
-        return stream.text, ("stop" if n < max_new else "length")
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, max_batch_size=1, cache_rows=1, device=self.device)
+        params = SamplingParams(max_new_tokens=min(self.max_new_tokens, room), temperature=self.temperature,
+                                top_k=self.top_k, top_p=self.top_p, stop_ids=tuple(self.stop_ids),
+                                stop_strings=tuple(self.stop_strings))
+        r = self._engine.run([Request(ids, params)])[0]
+        self.tokens += len(r.tokens)
+        if r.finish_reason == "error":
+            raise RuntimeError(r.error)
+        if r.text_stream.stopped:
+            return r.text, "tag"
+        return r.text, r.finish_reason
 
     def dialogue(self, seed: str, max_turns: int, seed_as_question: bool = False) -> Tuple[List[Turn], str]:
         """(turns, raw transcript) of up to `max_turns` exchanges about `seed`; with
@@ -472,26 +471,19 @@ def best_of(samples: Sequence[str], scores) -> Tuple[int, float]:
 
 def sample_answers(model, fmt, device, messages: Sequence[dict], n: int, *, max_new_tokens: int = 256,
                    temperature: float = 0.7, top_k: Optional[int] = 50, top_p: float = 1.0) -> Tuple[List[str], int]:
-    """(n sampled answers to the conversation `messages`, tokens generated)."""
-    from lit_llama.generation import TextStream
-    from lit_llama.generation import generate
-
+    """(n sampled answers to the conversation `messages`, tokens generated): the n samples decode
+    together, as rows of one batch."""
     ids = fmt.prompt_ids(messages)
-    if len(ids) + 1 >= model.config.block_size:
-        raise UserError(f"a prompt has {len(ids)} tokens; the model's context is {model.config.block_size}")
-    prompt = torch.tensor(ids, dtype=torch.long, device=device)
-    answers, tokens = [], 0
-    for _ in range(n):
-        stream = TextStream(fmt.tokenizer.decode, fmt.stop_strings)
-        for t in generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          stop_ids=fmt.stop_ids):
-            tokens += 1
-            stream.add(t)
-            if stream.stopped:
-                break
-        stream.flush()
-        answers.append(stream.text.strip())
-    return answers, tokens
+    block = model.config.block_size
+    if len(ids) + 1 >= block:
+        raise UserError(f"a prompt has {len(ids)} tokens; the model's context is {block}")
+    engine = Engine(model, fmt.tokenizer, max_batch_size=n, cache_rows=n, device=device,
+                    max_seq_length=min(block, len(ids) + max_new_tokens))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_ids=tuple(fmt.stop_ids), stop_strings=tuple(fmt.stop_strings))
+    requests = engine.run([Request(ids, params) for _ in range(n)])
+    model.clear_kv_cache()
+    return [r.text.strip() for r in requests], sum(len(r.tokens) for r in requests)
 
 
 def run_self_distill(prompts: Sequence[str], output_path: Path, sample: Callable[[List[dict]], Tuple[List[str], int]],

@@ -223,3 +223,22 @@ def test_without_the_prefix_cache_every_prompt_is_computed(model, prompts):
     assert (a.cached_tokens, b.cached_tokens, engine.stats["prefix_cache_hits"]) == (0, 0, 0)
     assert a.tokens == b.tokens
     m.clear_kv_cache()
+
+
+def test_best_of_n_samples_are_rows_of_one_batch(model):
+    """self_chat.sample_answers (self-distillation's best-of-N): greedy, every row is the answer
+    generate gives alone; sampled, the rows differ."""
+    from lit_llama.prompts import ChatFormat, get_template
+    from lit_llama.self_chat import sample_answers
+
+    m, tok = model
+    fmt = ChatFormat(get_template("checkpoint", tok), tok)
+    messages = [{"role": "user", "content": QUESTIONS[7]}]
+    ids = fmt.prompt_ids(messages)
+    alone = tok.decode(list(generate(m, torch.tensor(ids), 12, stop_ids=fmt.stop_ids))).strip()
+    m.clear_kv_cache()
+    answers, tokens = sample_answers(m, fmt, "cpu", messages, 3, max_new_tokens=12, temperature=0)
+    assert answers == [alone] * 3 and tokens == 36
+    torch.manual_seed(0)
+    sampled, _ = sample_answers(m, fmt, "cpu", messages, 3, max_new_tokens=12, temperature=1.0, top_k=None)
+    assert len(set(sampled)) == 3
