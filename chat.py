@@ -25,6 +25,9 @@ def main(
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
     compile: bool = False,
+    prompt_lookup: bool = False,
+    draft_checkpoint_dir: Optional[Path] = None,
+    draft_tokens: int = 5,
 ) -> None:
     """Multi-turn chat: each answer streams as it is generated, the conversation is kept and its
     oldest turns are left out when it no longer fits the context. Commands: /reset, /system TEXT,
@@ -48,22 +51,31 @@ def main(
         quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
             gptq.int3 for a checkpoint written by quantize/gptq.py.
         compile: compile the decode step with torch.compile (one graph per key-length bucket).
+        prompt_lookup: speculative decoding with drafts copied from the prompt and the text so far
+            (what followed the last few tokens' latest earlier occurrence): fast when the answer
+            repeats its input. The output is the same as without it.
+        draft_checkpoint_dir: speculative decoding with this smaller model's greedy guesses; it must
+            have the same tokenizer.
+        draft_tokens: the most tokens drafted per step.
     """
     from lit_llama.chat import ChatSession, load_chat_model, run_chat
     from lit_llama.generation import check_sampling_args
     from lit_llama.prompts import get_template
+    from lit_llama.speculative import check_draft_tokens, load_drafter
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_draft_tokens(draft_tokens)
     if max_seq_length is not None and max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2, got {max_seq_length}")
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading
     fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
                                                             template, quantize=quantize, compile=compile)
+    drafter = load_drafter(prompt_lookup, draft_checkpoint_dir, tokenizer, fabric, precision)
     fabric.seed_everything(seed, verbose=False)
     session = ChatSession(model, tokenizer, fmt, fabric.device, system=system, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, max_seq_length=max_seq_length,
-                          compile=compile)
+                          compile=compile, drafter=drafter, draft_tokens=draft_tokens)
     print(f"Chatting with {Path(checkpoint_dir).name} (template {fmt.template.name}: {source}; context "
           f"{session.context} tokens). /reset clears the history, /exit leaves, Ctrl-C stops an answer.",
           file=sys.stderr, flush=True)

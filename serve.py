@@ -29,6 +29,9 @@ def main(
     default_max_tokens: int = 1024,
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
+    prompt_lookup: bool = False,
+    draft_checkpoint_dir: Optional[Path] = None,
+    draft_tokens: int = 5,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (with "stream": true as
     server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus), and a web chat page
@@ -62,11 +65,18 @@ def main(
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
         quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
             gptq.int3 for a checkpoint written by quantize/gptq.py.
+        prompt_lookup: speculative decoding with drafts copied from the prompt and the text so far
+            (what followed the last few tokens' latest earlier occurrence): fast when the answer
+            repeats its input. The output is the same as without it.
+        draft_checkpoint_dir: speculative decoding with this smaller model's greedy guesses; it must
+            have the same tokenizer.
+        draft_tokens: the most tokens drafted per step.
     """
     from lit_llama.chat import load_chat_model
     from lit_llama.prompts import get_template
     from lit_llama.engine import cache_row_bytes
     from lit_llama.serving import Jobs, Server, create_app
+    from lit_llama.speculative import check_draft_tokens, load_drafter
 
     api_key = api_key or os.environ.get("LIT_LLAMA_API_KEY") or None
     if not 0 <= port < 65536:
@@ -81,6 +91,7 @@ def main(
         raise UserError(f"--prefix_cache_gb must be at least 0, got {prefix_cache_gb}")
     if default_max_tokens < 0:
         raise UserError(f"--default_max_tokens must be at least 0, got {default_max_tokens}")
+    check_draft_tokens(draft_tokens)
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading
     # bind first: a port in use is one clear line, before minutes of loading
@@ -93,6 +104,7 @@ def main(
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
     fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
                                                             template, quantize=quantize, compile=compile)
+    drafter = load_drafter(prompt_lookup, draft_checkpoint_dir, tokenizer, fabric, precision)
     name = model_name or Path(checkpoint_dir).name
     max_seq_length = min(max_seq_length, model.config.block_size)
     row = cache_row_bytes(model, max_seq_length)
@@ -100,7 +112,8 @@ def main(
     print(f"KV cache: {rows} rows of {max_seq_length} tokens ({rows * row / 1e9:.2f} GB), up to {max_batch_size} "
           f"decoding at once, prefix cache {'on' if prefix_cache_gb > 0 else 'off'}", file=sys.stderr, flush=True)
     jobs = Jobs(model, tokenizer, fmt, fabric.device, max_queue=max_queue, max_batch_size=max_batch_size,
-                max_seq_length=max_seq_length, compile=compile, cache_rows=rows, prefix_cache=prefix_cache_gb > 0)
+                max_seq_length=max_seq_length, compile=compile, cache_rows=rows, prefix_cache=prefix_cache_gb > 0,
+                drafter=drafter, draft_tokens=draft_tokens)
     server = Server(jobs, name, api_key, default_max_tokens=default_max_tokens or None)
     app = create_app(server)
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, TextIO, Tuple
 
-from lit_llama.engine import Engine, Request, SamplingParams
+from lit_llama.engine import Engine, Request, SamplingParams, stream
 from lit_llama.prompts import ChatFormat
 from lit_llama.utils import UserError
 
@@ -22,13 +22,14 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, fmt: ChatFormat, device, *, system: Optional[str] = None,
                  max_new_tokens: int = 512, temperature: float = 0.7, top_k: Optional[int] = 50, top_p: float = 1.0,
-                 max_seq_length: Optional[int] = None, compile: bool = False):
+                 max_seq_length: Optional[int] = None, compile: bool = False, drafter=None, draft_tokens: int = 5):
         self.model, self.tokenizer, self.fmt, self.device = model, tokenizer, fmt, device
         self.system = system or None
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         block = model.config.block_size
         self.context = min(block, max_seq_length) if max_seq_length else block
         self.compile = compile
+        self.drafter, self.draft_tokens = drafter, draft_tokens  # speculative decoding (lit_llama/speculative.py)
         self._engine: Optional[Engine] = None  # made at the first answer
         self.history: List[dict] = []  # user and assistant messages, oldest first
         self.dropped = 0  # turns dropped from the history to fit the context, in total
@@ -40,7 +41,8 @@ class ChatSession:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = Engine(self.model, self.tokenizer, max_batch_size=1, cache_rows=1,
-                                  max_seq_length=self.context, compile=self.compile, device=self.device)
+                                  max_seq_length=self.context, compile=self.compile, device=self.device,
+                                  drafter=self.drafter, draft_tokens=self.draft_tokens)
         return self._engine
 
     def messages(self, history: List[dict], message: str) -> List[dict]:
@@ -76,25 +78,12 @@ class ChatSession:
             self.dropped += dropped
             self.on_trim(dropped)
         max_new = min(self.max_new_tokens, self.context - len(ids))
-        pieces: List[str] = []
         params = SamplingParams(max_new_tokens=max_new, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                 stop_ids=tuple(self.fmt.stop_ids), stop_strings=tuple(self.fmt.stop_strings))
-        request = Request(ids, params, on_update=lambda r, piece: pieces.append(piece))
-        engine = self.engine
-        engine.submit(request)
+        request = Request(ids, params)
         try:
-            while request.finish_reason is None:
-                engine.step()
-                while pieces:
-                    piece = pieces.pop(0)
-                    if piece:
-                        yield piece
-            if request.finish_reason == "error":
-                raise RuntimeError(request.error)
+            yield from stream(self.engine, request)
         finally:
-            if request.finish_reason is None:  # stopped by the caller (Ctrl-C): free the row
-                request.cancel()
-                engine.step()
             self.last_request = request
             self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": request.text}]
 

@@ -26,13 +26,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch._dynamo
 
 from lit_llama.generation import TextStream, sample
 from lit_llama.model import LLaMA
+from lit_llama.speculative import accept
 from lit_llama.utils import UserError
 
 
@@ -105,9 +106,10 @@ def _bucket(n: int, sizes: Sequence[int]) -> int:
 
 
 def batched_step(model: LLaMA, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Last-position logits (B, V) of one token per row: tokens and pos (B, 1), mask (B, 1, 1, keys)."""
+    """Logits (B, T, V) of T tokens per row (the last token, then any drafted ones): tokens and pos
+    (B, T), mask (B, 1, T, keys)."""
     x = model.hidden_states(tokens, pos, mask=mask)
-    return model.logits(x)[:, -1]
+    return model.logits(x)
 
 
 class Engine:
@@ -116,9 +118,11 @@ class Engine:
 
     def __init__(self, model: LLaMA, tokenizer=None, *, max_batch_size: int = 8, max_seq_length: Optional[int] = None,
                  cache_rows: Optional[int] = None, prefill_chunk: int = 256, compile: bool = False,
-                 max_waiting: int = 64, prefix_cache: bool = True, device=None):
+                 max_waiting: int = 64, prefix_cache: bool = True, device=None, drafter=None, draft_tokens: int = 5):
         if max_batch_size < 1:
             raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+        if draft_tokens < 1:
+            raise UserError(f"--draft_tokens must be at least 1, got {draft_tokens}")
         if prefill_chunk < 1:
             raise UserError(f"--prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
@@ -134,6 +138,10 @@ class Engine:
         # one position more than the capacity: the scratch position of a compiled batch's unused rows
         model.set_kv_cache(self.n_rows, self.capacity + 1, self.device, w.dtype)
         self.caches = [block.attn.kv_cache for block in model.transformer.h]
+        # speculative decoding (lit_llama/speculative.py): up to draft_tokens guesses per row and step
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        if drafter is not None:
+            drafter.attach(self.n_rows, self.capacity + draft_tokens, self.device)
         self.rows = [_Row() for _ in range(self.n_rows)]
         self.decoding: List[Request] = []  # row i is decoding[i]
         self.prefilling: List[Request] = []
@@ -148,15 +156,14 @@ class Engine:
         self.compiled = compile
         self.step_fn = batched_step
         if compile:
-            # one graph per (batch size, key length) bucket
-            lengths = len(self._key_lengths())
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                        2 * len(self.batch_sizes) * lengths)
+            # one graph per (batch size, key length, tokens per row: 1 or 1 + draft_tokens) bucket
+            graphs = len(self.batch_sizes) * len(self._key_lengths()) * (2 if drafter is not None else 1)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * graphs)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.step_fn = torch.compile(batched_step, mode=mode, fullgraph=True, dynamic=False)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0,
                       "cached_prompt_tokens": 0, "prefix_cache_hits": 0, "generated_tokens": 0, "steps": 0,
-                      "decode_rows": 0}
+                      "decode_rows": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
         self._recent: Deque = deque(maxlen=64)  # (time, tokens) of recent steps, for tokens/s
 
     # ---------------------------------------------------------------- requests in
@@ -318,25 +325,58 @@ class Engine:
                 self._emit(r, self._sample([r], logits)[0])
 
     def _decode(self) -> None:
+        """One forward pass over the decoding rows: each row's last token and its drafted tokens."""
         D = len(self.decoding)
+        drafts = self._drafts()
+        T = 1 + max(map(len, drafts))
         B = _bucket(D, self.batch_sizes) if self.compiled else D
-        tokens = torch.zeros(B, 1, dtype=torch.long)
-        pos = torch.full((B, 1), self.capacity, dtype=torch.long)  # unused rows: the scratch position
+        if self.compiled and T > 1:
+            T = 1 + self.draft_tokens
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.full((B, T), self.capacity, dtype=torch.long)  # unused places: the scratch position
+        longest = 0
         for i, r in enumerate(self.decoding):
-            tokens[i, 0], pos[i, 0] = r.pending, len(self.rows[i].tokens)
-        longest = int(pos[:D].max()) + 1
+            seq, n0 = [r.pending, *drafts[i]], len(self.rows[i].tokens)
+            tokens[i, : len(seq)] = torch.tensor(seq)
+            pos[i, : len(seq)] = torch.arange(n0, n0 + len(seq))
+            longest = max(longest, n0 + len(seq))
         L = _bucket(longest, self._key_lengths()) if self.compiled else -(-longest // 64) * 64
         L = min(L, self.capacity + 1)
         tokens, pos = tokens.to(self.device), pos.to(self.device)
-        mask = (torch.arange(L, device=self.device)[None, :] <= pos)[:, None, None, :]
+        mask = (torch.arange(L, device=self.device)[None, None, :] <= pos[:, :, None])[:, None]
         logits = self.step_fn(self.model, tokens, pos, mask)[:D]
-        for i, r in enumerate(self.decoding):
-            self.rows[i].tokens.append(r.pending)
-        now = time.perf_counter()
-        self._recent.append((now, D))
+        requests = list(self.decoding)
+        if self.drafter is None:
+            outs = [[t] for t in self._sample(requests, logits[:, 0])]
+        else:
+            outs = []
+            for r, d, row_logits in zip(requests, drafts, logits):
+                p = r.params
+                accepted, nxt = accept(d, row_logits[: len(d) + 1], p.temperature, p.top_k, p.top_p, r.generator)
+                self.stats["draft_tokens"] += len(d)
+                self.stats["accepted_draft_tokens"] += len(accepted)
+                outs.append(accepted + [nxt])
+        for i, (r, out) in enumerate(zip(requests, outs)):
+            # keys and values now held: the last token and the accepted guesses
+            self.rows[i].tokens.extend([r.pending, *out[:-1]])
+        self._recent.append((time.perf_counter(), sum(map(len, outs))))
         self.stats["decode_rows"] += D
-        for r, t in zip(list(self.decoding), self._sample(list(self.decoding), logits)):
-            self._emit(r, t)
+        for r, out in zip(requests, outs):
+            for t in out:
+                self._emit(r, t)
+                if r.finish_reason is not None:
+                    break
+
+    def _drafts(self) -> List[List[int]]:
+        """The drafter's guesses for each decoding row: at most draft_tokens, and no more than the
+        request may still generate (one token more comes with them) or its row can hold."""
+        if self.drafter is None:
+            return [[] for _ in self.decoding]
+        limits = [max(0, min(self.draft_tokens, r.params.max_new_tokens - len(r.tokens) - 1,
+                             self.capacity - 1 - len(self.rows[i].tokens)))
+                  for i, r in enumerate(self.decoding)]
+        contexts = [r.prompt + r.tokens for r in self.decoding]
+        return [d[:k] for d, k in zip(self.drafter.propose(contexts, limits), limits)]
 
     def _key_lengths(self) -> List[int]:
         lengths, n = [], 256
@@ -414,6 +454,8 @@ class Engine:
                 for buf in (cache.k, cache.v):
                     buf[ab, :, :n] = buf[ba, :, :n]
         self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+        if self.drafter is not None:
+            self.drafter.swap(a, b)
         for i in (a, b):
             if self.rows[i].owner is not None:
                 self.rows[i].owner.row = i
@@ -426,6 +468,42 @@ class Engine:
             rate = sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
         return {**self.stats, "requests_running": len(self.decoding) + len(self.prefilling),
                 "requests_waiting": self.queued(), "tokens_per_second": rate}
+
+
+def stream(engine: Engine, request: Request) -> Iterator[str]:
+    """Submit `request` and step `engine` in this thread until it finishes, yielding its text as it
+    comes. Stopped early (the caller closes the generator, e.g. on Ctrl-C), the request is cancelled
+    and its row freed. A request that fails raises RuntimeError."""
+    pieces: Deque[str] = deque()
+    on_update = request.on_update
+    request.on_update = lambda r, piece: (pieces.append(piece), on_update and on_update(r, piece))
+    engine.submit(request)
+    try:
+        while request.finish_reason is None:
+            engine.step()
+            while pieces:
+                piece = pieces.popleft()
+                if piece:
+                    yield piece
+        while pieces:
+            piece = pieces.popleft()
+            if piece:
+                yield piece
+        if request.finish_reason == "error":
+            raise RuntimeError(request.error)
+    finally:
+        if request.finish_reason is None:
+            request.cancel()
+            engine.step()
+
+
+def speculation_summary(engine: Engine) -> str:
+    """How the drafts fared, for a line on stderr."""
+    s = engine.stats
+    drafted, accepted = s["draft_tokens"], s["accepted_draft_tokens"]
+    steps = max(1, s["decode_rows"])
+    return (f"draft tokens accepted: {accepted}/{drafted} ({accepted / max(1, drafted):.0%}), "
+            f"{(s['decode_rows'] + accepted) / steps:.2f} tokens per decode step")
 
 
 def cache_row_bytes(model: LLaMA, max_seq_length: int) -> int:

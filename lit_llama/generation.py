@@ -14,6 +14,15 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
     the random numbers' source (default: torch's global one)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    probs = sample_probs(logits, temperature, top_k, top_p)
+    # exponential race instead of torch.multinomial: same distribution, no host-device sync
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
+
+
+def sample_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                 top_p: float = 1.0) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0): softmax(logits / temperature) over the
+    top_k most likely tokens and the nucleus of probability top_p."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[..., -1:]
@@ -24,9 +33,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    # exponential race instead of torch.multinomial: same distribution, no host-device sync
-    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
+    return logits.softmax(-1)
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:

@@ -188,11 +188,11 @@ class Jobs:
 
     def __init__(self, model, tokenizer, fmt: ChatFormat, device, max_queue: int = 64, max_batch_size: int = 8,
                  max_seq_length: Optional[int] = None, compile: bool = False, cache_rows: Optional[int] = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, drafter=None, draft_tokens: int = 5):
         self.tokenizer, self.fmt = tokenizer, fmt
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_length=max_seq_length,
                              cache_rows=cache_rows, compile=compile, max_waiting=max_queue, prefix_cache=prefix_cache,
-                             device=device)
+                             device=device, drafter=drafter, draft_tokens=draft_tokens)
         self.capacity = self.engine.capacity
         self.block_size = model.config.block_size
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "tokens": 0}
@@ -503,6 +503,9 @@ class Server:
                 ("requests_cancelled_total", "counter", "requests cancelled (the client went away)", m["cancelled"]),
                 ("requests_failed_total", "counter", "requests that failed", m["failed"]),
                 ("decode_steps_total", "counter", "batched decode steps", m["steps"]),
+                ("draft_tokens_total", "counter", "tokens drafted for speculative decoding", m["draft_tokens"]),
+                ("draft_tokens_accepted_total", "counter", "drafted tokens the model accepted",
+                 m["accepted_draft_tokens"]),
                 ("requests_processing", "gauge", "requests running (decoding or being prefilled)", m["requests_running"]),
                 ("requests_deferred", "gauge", "requests waiting for a row", m["requests_waiting"]),
                 ("predicted_tokens_seconds", "gauge", "generated tokens per second over the last steps",

@@ -112,6 +112,16 @@ class Tokenizer:
             return self.processor.get_vocab_size(with_added_tokens=True)
         return self.processor.vocab_size()
 
+    def vocabulary(self) -> List[str]:
+        """Every token's text, by id: two tokenizers with equal vocabularies encode alike."""
+        if self.backend == "huggingface":
+            vocab = self.processor.get_vocab(with_added_tokens=True)
+            pieces = [""] * (max(vocab.values()) + 1)
+            for piece, i in vocab.items():
+                pieces[i] = piece
+            return pieces
+        return [self.processor.id_to_piece(i) for i in range(self.processor.vocab_size())]
+
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:
         if self.backend == "huggingface":
             ids = self.processor.encode(text, add_special_tokens=False).ids

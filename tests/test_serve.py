@@ -333,3 +333,28 @@ def test_disconnects_cancel_the_request(server, client):
     # both stopped soon after their clients left, far from their 2000 tokens
     assert after["tokens"] - before["tokens"] < 600, (before, after)
     assert ask(client, "Say hi.", max_tokens=3).choices[0].message.content  # and the next one is served
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+
+def test_a_server_with_prompt_lookup_gives_the_same_answers(default_checkpoint, local):
+    """--prompt_lookup: greedy answers equal the model's own, streamed and not, while drafted tokens
+    are accepted (the /metrics counters)."""
+    import re
+
+    from openai import OpenAI
+
+    s = ServerProcess("--prompt_lookup", "true", "--draft_tokens", "4")
+    try:
+        c = OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        text = "The keeper lit the lamp at six, wound the clock, and wrote the weather in the log."
+        question = f"Repeat the following text exactly:\n\n{text}"
+        _, _, want = local(question, 32)
+        assert ask(c, question, max_tokens=32).choices[0].message.content == want
+        texts, _, _, _ = streamed(c, question, max_tokens=32)
+        assert texts[0] == want
+        values = dict(re.findall(r"^lit_llama:(\w+) (\S+)$", s.request("GET", "/metrics")[1], re.M))
+        assert float(values["draft_tokens_accepted_total"]) > 0.3 * float(values["draft_tokens_total"]) > 0, values
+    finally:
+        s.stop()
