@@ -47,18 +47,21 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict:
     r = conn.getresponse()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
-    first, tokens = None, 0
+    first, usage, pieces = None, None, 0
     for line in r:
         line = line.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
         if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
-        if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-            first = time.perf_counter() - t0
+            usage = chunk["usage"]["completion_tokens"]
+        if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+            pieces += 1
+            if first is None:
+                first = time.perf_counter() - t0
     conn.close()
-    return {"latency": time.perf_counter() - t0, "ttft": first or 0.0, "tokens": tokens}
+    # llama_cpp.server sends no usage chunk; it streams one token per chunk
+    return {"latency": time.perf_counter() - t0, "ttft": first or 0.0, "tokens": pieces if usage is None else usage}
 
 
 def run_level(port: int, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -240,7 +243,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, max_tokens: int = 32, re
               "| ratio | cached tokens reported |", "|---|---:|---:|---:|---:|---:|"]
     for name, (rows, p) in results.items():
         by = {r["clients"]: r["tok_s"] for r in rows}
-        ratio = f"{by[8] / by[1]:.2f}x" if 1 in by and 8 in by else "-"
+        ratio = f"{by[8] / by[1]:.2f}x" if by.get(1) and 8 in by else "-"
         ratios.append(f"| {name} | {ratio} | {p['first']:.2f} s | {p['second']:.2f} s | {p['first'] / p['second']:.1f}x "
                       f"| {p['cached'] if p['cached'] is not None else '-'} of {p['prompt_tokens']} |")
     goals = []

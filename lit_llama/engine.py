@@ -66,6 +66,7 @@ class Request:
         self.text_stream: Optional[TextStream] = None
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
+        self.stop_id: Optional[int] = None  # the stop id that ended it (not in tokens)
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.generator: Optional[torch.Generator] = None
         self.row: Optional[int] = None
@@ -400,6 +401,7 @@ class Engine:
         if r.first_token_time is None:
             r.first_token_time = time.perf_counter()
         if token in p.stop_ids:
+            r.stop_id = token
             self._finish(r, "stop")
             return
         r.tokens.append(token)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_llama.generation import sample
+from lit_llama.engine import Engine, Request, SamplingParams
 from lit_llama.lora import lora_disabled
 from lit_llama.model import LLaMA
 from lit_llama.utils import UserError
@@ -132,42 +132,30 @@ def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> Tuple[torch.Tensor, t
     return idx, torch.tensor([T - len(r) for r in rows], device=rows[0].device)
 
 
-@torch.no_grad()
 def generate_batch(policy: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int, *,
                    temperature: float = 1.0, top_k: Optional[int] = None, stop_ids: Sequence[int] = (),
                    pad_id: int = 0) -> List[torch.Tensor]:
-    """Sample a response to every prompt (1-D token tensors) at once, through the KV cache.
-
-    Prompts are left-padded so that every row's next token sits in the same slot. A response ends
-    with its first stop id (kept: emitting it is an action the policy is rewarded for) or after
-    `max_new_tokens`; finished rows keep decoding padding, which nothing reads."""
+    """Sample a response to every prompt (1-D token tensors), all as rows of one batch of the
+    batched engine (lit_llama/engine.py). A response ends with its first stop id (kept: emitting it
+    is an action the policy is rewarded for) or after `max_new_tokens`; a finished row leaves the
+    batch at once. `pad_id` is unused (rows are not padded), kept for the callers' symmetry."""
     model = _llama(policy)
-    idx, pad = left_pad(prompts, pad_id)
-    B, T = idx.shape
+    T = max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, model.config.block_size - T)
     if max_new_tokens < 1:
         raise UserError(f"a prompt of {T} tokens leaves no room in the model's context ({model.config.block_size})")
-    device = idx.device
-    model.set_kv_cache(B, T + max_new_tokens)
+    device = prompts[0].device
+    engine = Engine(model, max_batch_size=len(prompts), cache_rows=len(prompts), max_seq_length=T + max_new_tokens,
+                    prefill_chunk=sum(len(p) for p in prompts), prefix_cache=False, device=device,
+                    max_waiting=len(prompts))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            stop_ids=tuple(stop_ids))
     try:
-        logits, _ = policy(idx, pad, torch.arange(T, device=device), start=T - 1)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = torch.zeros(B, dtype=torch.long, device=device)
-        out = []
-        for i in range(max_new_tokens):
-            token = sample(logits[:, -1], temperature, top_k)
-            token = torch.where(done, pad_id, token)
-            out.append(token)
-            lengths += ~done
-            done |= torch.isin(token, stop)
-            if bool(done.all()) or i + 1 == max_new_tokens:
-                break
-            logits, _ = policy(token[:, None], pad, torch.tensor([T + i], device=device))
+        requests = engine.run([Request(p.tolist(), params) for p in prompts])
     finally:
         model.clear_kv_cache()  # training runs without the cache
-    tokens = torch.stack(out, dim=1)
-    return [tokens[b, : lengths[b]] for b in range(B)]
+    return [torch.tensor(r.tokens + ([r.stop_id] if r.stop_id is not None else []), dtype=torch.long, device=device)
+            for r in requests]
 
 
 def _llama(policy: nn.Module) -> LLaMA:
