@@ -170,11 +170,12 @@ SERVERS = {
     "serve.py --max_batch_size 1": lambda ckpt, gguf, port, threads: [
         "serve.py", "--port", str(port), "--checkpoint_dir", str(ckpt), "--max_batch_size", "1"],
     # llama-cpp-python's server runs one request at a time (a lock around its one model); --cache:
-    # its prompt cache (LlamaRAMCache)
+    # its prompt cache (LlamaRAMCache); by default a new request interrupts the one running (which
+    # then ends empty): --interrupt_requests false makes it wait its turn
     "llama_cpp.server": lambda ckpt, gguf, port, threads: [
         "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", Path(ckpt).name, "--port", str(port),
         "--n_ctx", "4096", "--n_threads", str(threads or os.cpu_count()), "--n_threads_batch",
-        str(threads or os.cpu_count()), "--cache", "true"],
+        str(threads or os.cpu_count()), "--cache", "true", "--interrupt_requests", "false"],
 }
 
 
@@ -245,7 +246,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, max_tokens: int = 32, re
         by = {r["clients"]: r["tok_s"] for r in rows}
         ratio = f"{by[8] / by[1]:.2f}x" if by.get(1) and 8 in by else "-"
         ratios.append(f"| {name} | {ratio} | {p['first']:.2f} s | {p['second']:.2f} s | {p['first'] / p['second']:.1f}x "
-                      f"| {p['cached'] if p['cached'] is not None else '-'} of {p['prompt_tokens']} |")
+                      f"| {p['cached'] if p['cached'] is not None else 'not reported'} of {p['prompt_tokens'] or '?'} |")
     goals = []
     if "serve.py" in results:
         rows, p = results["serve.py"]
