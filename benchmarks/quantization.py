@@ -28,8 +28,8 @@ from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files  # noqa: E
 
 # label, quantize/gptq.py arguments (None: no checkpoint of its own), --quantize to load it with.
 # The first GPTQ row is quantize/gptq.py's default (act-order, embedding / head at 6 bits).
-DEFAULT = "GPTQ 4-bit g128 (the default: act-order, 6-bit head)"
-RTN = "RTN 4-bit g128, 6-bit head"
+DEFAULT = "GPTQ 4-bit g128 (the default: act-order, 6-bit down projections and head)"
+RTN = "RTN 4-bit g128, 6-bit down projections and head"
 FLOAT_HEAD = ["--head_bits", "null"]
 ROWS = [
     ("fp32", None, None),
@@ -41,6 +41,8 @@ ROWS = [
                                                          *FLOAT_HEAD], "gptq.int4"),
     (RTN, ["--method", "rtn", "--bits", "4"], "gptq.int4"),
     ("GPTQ 3-bit g128, act-order, float16 head", ["--method", "gptq", "--bits", "3", *FLOAT_HEAD], "gptq.int3"),
+    ("GPTQ 4-bit g128, act-order, 4-bit down projections, 6-bit head", ["--method", "gptq", "--bits", "4",
+                                                                        "--down_bits", "null"], "gptq.int4"),
 ]
 
 
@@ -127,22 +129,23 @@ def targets(rows: list, fp16_total: int) -> list:
     inc = gptq["ppl"] / fp32["ppl"] - 1
     size = gptq["size"] / fp16_total
     held, held_rtn = gptq["held_out_ppl"] / fp32["held_out_ppl"] - 1, rtn["held_out_ppl"] / fp32["held_out_ppl"] - 1
-    return [f"GPTQ 4-bit g128 (default settings, 6-bit head) perplexity {inc:+.1%} vs fp32 (target within 10%: {ok(inc <= 0.10)}); "
+    return [f"GPTQ 4-bit g128 (default settings: 6-bit down projections and head) perplexity {inc:+.1%} vs fp32 (target within 10%: {ok(inc <= 0.10)}); "
             f"RTN at the same bits and groups {rtn['ppl'] / fp32['ppl'] - 1:+.1%} (GPTQ better: {ok(gptq['ppl'] < rtn['ppl'])})",
             f"on the held-out text: GPTQ {held:+.1%} (target within 10%: {ok(held <= 0.10)}), RTN {held_rtn:+.1%} "
             f"(target GPTQ at most half of RTN's increase: {ok(held <= 0.5 * held_rtn)})",
             f"4-bit checkpoint {size:.0%} of the fp16 one (target at most 30%: {ok(size <= 0.30)}; for a "
-            f"LLaMA-7B packed the same way: {seven_b_ratio(4, 6):.0%})"]
+            f"LLaMA-7B packed the same way: {seven_b_ratio(4, 6, down_bits=6):.0%})"]
 
 
-def seven_b_ratio(bits: int, head_bits: Optional[int] = None, groupsize: int = 128) -> float:
+def seven_b_ratio(bits: int, head_bits: Optional[int] = None, groupsize: int = 128,
+                  down_bits: Optional[int] = None) -> float:
     """Size of a LLaMA-7B checkpoint packed like ours (packed linears with a float16 scale and a
-    one-byte zero per group; embedding and head packed at `head_bits` or float16; float16 norms)
-    relative to its float16 checkpoint."""
+    one-byte zero per group, the down projections at `down_bits`; embedding and head packed at
+    `head_bits` or float16; float16 norms) relative to its float16 checkpoint."""
     dim, hidden, layers, vocab = 4096, 11008, 32, 32000
-    linear = layers * (4 * dim * dim + 3 * dim * hidden)
+    linear, down = layers * (4 * dim * dim + 3 * dim * hidden), layers * dim * hidden
     head, norms = 2 * vocab * dim, (2 * layers + 1) * dim
-    packed = linear * bits / 8 + linear / groupsize * 3 + norms * 2
+    packed = (linear - down) * bits / 8 + down * (down_bits or bits) / 8 + linear / groupsize * 3 + norms * 2
     packed += head * 2 if head_bits is None else head * head_bits / 8 + head / groupsize * 3
     return packed / ((linear + head + norms) * 2)
 
@@ -232,6 +235,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
             f"{1 - fp16_linears / fp16_total:.0%} of the parameters here (fp16 checkpoint {fp16_total / 1e6:.0f} MB, "
             f"block linears {fp16_linears / 1e6:.0f} MB of it); \"float16 head\" rows keep it unpacked, as "
             "GPTQ-for-LLaMa does. A LLaMA-7B packed the same way would be "
+            f"{seven_b_ratio(4, 6, down_bits=6):.0%} (4-bit, 6-bit down projections and head), "
             f"{seven_b_ratio(4, 6):.0%} (4-bit, 6-bit head), {seven_b_ratio(4):.0%} (4-bit, float16 head) and "
             f"{seven_b_ratio(3):.0%} (3-bit, float16 head) of its fp16 checkpoint. "
             f"Times are wall-clock on a shared machine (load average {load}).")

@@ -24,7 +24,7 @@ import mmap
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -430,16 +430,19 @@ def check_quantize_mode(checkpoint_dir: Path, mode: Optional[str]) -> Optional[d
 
 
 def replace_with_packed(model: nn.Module, bits: int, groupsize: int, act_order: bool,
-                        head: Optional[dict] = None) -> nn.Module:
+                        head: Optional[dict] = None, layers: Optional[Dict[str, int]] = None) -> nn.Module:
     """Swap every nn.Linear of the blocks for an empty PackedLinear on the meta device, ready for
-    a packed state dict (load_state_dict with assign=True); with `head` (the entry's head: bits,
-    groupsize, act_order) the embedding and head too. An untied model's embedding has no Hessian
-    (it is a lookup): it is rounded to nearest, without act-order."""
+    a packed state dict (load_state_dict with assign=True); `layers` maps a block layer's name
+    (mlp.c_proj) to its own bits. With `head` (the entry's head: bits, groupsize, act_order) the
+    embedding and head too. An untied model's embedding has no Hessian (it is a lookup): it is
+    rounded to nearest, without act-order."""
+    layers = layers or {}
     for block in model.transformer.h:
-        for parent in list(block.modules()):
+        for path, parent in list(block.named_modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear(child.in_features, child.out_features, bits, groupsize,
+                    b = layers.get(f"{path}.{name}" if path else name, bits)
+                    setattr(parent, name, PackedLinear(child.in_features, child.out_features, b, groupsize,
                                                        act_order, device="meta").train(child.training))
     if head is not None:
         vocab, n_embd = model.transformer.wte.weight.shape
@@ -466,13 +469,14 @@ def load_packed_model(checkpoint_dir: Path, dtype: torch.dtype = torch.float32) 
         head = entry.get("head")  # absent: a float embedding and head (checkpoints before the option too)
         if head is not None:
             head = {"bits": int(head["bits"]), "groupsize": int(head["groupsize"]), "act_order": bool(head["act_order"])}
+        layers = {str(k): int(v["bits"]) for k, v in entry.get("layers", {}).items()}
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{checkpoint_dir}: the quantization entry of its config is corrupted: {entry}")
     config = load_config(checkpoint_dir)
     with torch.device("meta"):
         model = LLaMA(config)
     try:
-        replace_with_packed(model, bits, groupsize, act_order, head)
+        replace_with_packed(model, bits, groupsize, act_order, head, layers)
     except UserError as e:
         raise CheckpointError(f"{checkpoint_dir}: its quantization entry does not fit its config: {e}")
     state_dict = load_state_dict(checkpoint_dir)

@@ -122,7 +122,7 @@ def packed(default_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packed")
     src = tiny_checkpoint(tmp, default_checkpoint)
     out = tmp / "gptq"
-    quantize_checkpoint(src, out, GPTQSettings(bits=4, groupsize=64, act_order=True, head_bits=6),
+    quantize_checkpoint(src, out, GPTQSettings(bits=4, groupsize=64, act_order=True, head_bits=6, down_bits=6),
                         text_file=calibration_file(tmp), nsamples=8, seqlen=64, device="cpu")
     return src, out
 
@@ -141,6 +141,11 @@ def test_packed_checkpoint_round_trips(packed, tmp_path):
     assert isinstance(wte, PackedEmbedding) and wte.bits == 6 and wte.perm is not None
     assert wte.qweight.shape == (49152, 128 * 6 // 8)  # four 6-bit weights in three bytes
     assert config["quantization"]["head"] == {"bits": 6, "groupsize": 64, "act_order": True}
+    # the down projections at their own 6 bits (tiny config: 256 inputs), the other layers at 4
+    assert config["quantization"]["layers"] == {"mlp.c_proj": {"bits": 6}}
+    down = model.transformer.h[1].mlp.c_proj
+    assert isinstance(down, PackedLinear) and down.bits == 6 and down.qweight.shape == (128, 256 * 6 // 8)
+    assert model.transformer.h[1].attn.c_proj.bits == 4
     # write the loaded model again, in several shards: the same tensors and the same logits
     again = tmp_path / "again"
     again.mkdir()
@@ -245,8 +250,8 @@ def test_untied_head_and_embedding_are_packed_separately(default_checkpoint, tmp
 
 
 def test_rtn_with_the_default_flags_loads_and_matches_round_to_nearest(packed, tmp_path):
-    """--method rtn with the script's defaults (act-order on, 6-bit head): no calibration, no perm,
-    every weight the nearest level of its group's grid."""
+    """--method rtn with the script's defaults (act-order on, 6-bit head and down projections): no
+    calibration, no perm, every weight the nearest level of its group's grid."""
     from lit_llama.checkpoint import load_model
 
     src, _ = packed
@@ -258,6 +263,8 @@ def test_rtn_with_the_default_flags_loads_and_matches_round_to_nearest(packed, t
     model, float_model = load_packed_model(out), load_model(src)
     layer, W = model.transformer.h[1].mlp.c_proj, float_model.transformer.h[1].mlp.c_proj.weight
     assert layer.perm is None
+    torch.testing.assert_close(layer.weight.float(), rtn(W, 6, 128).dequantize(), rtol=0, atol=1e-3)
+    layer, W = model.transformer.h[1].attn.c_proj, float_model.transformer.h[1].attn.c_proj.weight
     torch.testing.assert_close(layer.weight.float(), rtn(W, 4, 128).dequantize(), rtol=0, atol=1e-3)
     torch.testing.assert_close(model.transformer.wte.weight.float(),
                                rtn(float_model.transformer.wte.weight, 6, 128).dequantize(), rtol=0, atol=1e-3)
@@ -405,15 +412,27 @@ def trained(default_checkpoint):
 
 def test_gptq_generalizes_beyond_its_calibration_text(trained):
     """On trained weights and text unlike the calibration text, GPTQ with the script's defaults
-    (act-order, sink weighting) removes a clear part of round-to-nearest's loss, and longer windows
-    of the same number of tokens do not make it worse. Measured here (perplexity, blocks 10-21 at
-    4 bits g128): fp32 23.82, RTN 25.74; GPTQ 16 x 256 24.78, 4 x 1,024 24.80; without the sink
-    weighting (plain GPTQ) 25.68 and 26.75, no better than RTN and worse with longer windows."""
+    (act-order, sink weighting, 6-bit down projections) removes a clear part of round-to-nearest's
+    loss, and longer windows of the same number of tokens do not make it worse. Measured here
+    (perplexity, blocks 10-21 at 4 bits g128): fp32 23.82, RTN 25.74; GPTQ 16 x 256 24.37, 4 x 1,024
+    24.48. With 4-bit down projections 24.78 and 24.80; without the sink weighting too (plain GPTQ)
+    25.68 and 26.75, no better than RTN and worse with longer windows."""
     fp32 = trained(None)
     rtn_loss = trained(GPTQSettings(method="rtn")) - fp32
-    defaults = GPTQSettings(act_order=True, sink_share=DEFAULT_SINK_SHARE)
+    defaults = GPTQSettings(act_order=True, sink_share=DEFAULT_SINK_SHARE, down_bits=6)
     short = trained(defaults, 16, 256) - fp32
     long = trained(defaults, 4, 1024) - fp32
     print(f"perplexity increase over fp32 {fp32:.3f}: rtn {rtn_loss:.3f} gptq 16x256 {short:.3f} 4x1024 {long:.3f}")
-    assert short <= 0.7 * rtn_loss and long <= 0.7 * rtn_loss, (rtn_loss, short, long)
+    assert short <= 0.5 * rtn_loss and long <= 0.5 * rtn_loss, (rtn_loss, short, long)
     assert long <= 1.25 * short, (short, long)
+
+
+def test_the_down_projections_carry_most_of_the_loss_on_new_text(trained):
+    """GPTQ's down projections fit the calibration text's kind: at 4 bits they carry much of the
+    held-out loss, which 6 bits (the script's default) remove. Measured here: +0.96 perplexity with
+    them at 4 bits, +0.55 at 6 (RTN +1.92)."""
+    fp32 = trained(None)
+    down4 = trained(GPTQSettings(act_order=True, sink_share=DEFAULT_SINK_SHARE)) - fp32
+    down6 = trained(GPTQSettings(act_order=True, sink_share=DEFAULT_SINK_SHARE, down_bits=6)) - fp32
+    print(f"perplexity increase over fp32 {fp32:.3f}: down projections at 4 bits {down4:.3f}, at 6 bits {down6:.3f}")
+    assert down6 <= 0.7 * down4, (down4, down6)
