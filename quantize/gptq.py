@@ -52,7 +52,8 @@ def main(
         head_bits: bits of the embedding and the output head (3, 4, 6 or 8; same group size), or null
             to keep them float16 as GPTQ-for-LLaMa does. They are packed too by default: a tied
             embedding is a fifth of a small model (the 4-bit checkpoint of the embedded model is 42%
-            of its float16 size with them float, 29% with them at 6 bits; see docs/benchmarks.md).
+            of its float16 size with them float, 29% with them at 6 bits, 32% with the down
+            projections at 6 bits too; see docs/benchmarks.md).
         down_bits: bits of the MLP's down projections (3, 4, 6 or 8; same group size), or null for
             --bits. Their input statistics are the calibration text's kind, so GPTQ's error feedback
             there does not carry over to other text: at 4 bits the embedded model calibrated on
