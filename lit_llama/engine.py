@@ -31,7 +31,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch._dynamo
 
-from lit_llama.generation import TextStream, sample
+from lit_llama.generation import TextStream, row_forward, sample
 from lit_llama.model import LLaMA
 from lit_llama.speculative import accept
 from lit_llama.utils import UserError
@@ -303,21 +303,9 @@ class Engine:
             p0 = r.prefilled
             chunk = r.prompt[p0: p0 + budget]
             budget -= len(chunk)
-            T = len(chunk)
-            idx = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            pos = torch.arange(p0, p0 + T, device=self.device)[None]
-            # a chunk from position 0 attends to itself only (the causal kernel); a later one also to
-            # the row's earlier keys
-            mask = None if p0 == 0 else (torch.arange(p0 + T, device=self.device)[None, :] <= pos[0, :, None])[None, None]
-            for cache in self.caches:
-                cache.first_row = r.row
-            try:
-                x = self.model.hidden_states(idx, pos, mask=mask)
-            finally:
-                for cache in self.caches:
-                    cache.first_row = 0
+            x = row_forward(self.model, r.row, chunk, p0, self.device)
             self.rows[r.row].tokens.extend(chunk)
-            r.prefilled += T
+            r.prefilled += len(chunk)
             if r.prefilled == len(r.prompt):
                 self.prefilling.remove(r)
                 logits = self.model.logits(x[:, -1:])[:, -1]

@@ -109,6 +109,24 @@ def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Mo
     return model
 
 
+def row_forward(model: LLaMA, row: int, chunk: Sequence[int], p0: int, device) -> torch.Tensor:
+    """Hidden states (1, T, n_embd) of `chunk` written at positions p0.. of row `row` of the model's
+    batched KV cache (the batched engine's rows; lit_llama/engine.py). A chunk from position 0
+    attends to itself only (the causal kernel); a later one also to the row's earlier keys."""
+    T = len(chunk)
+    idx = torch.tensor([list(chunk)], dtype=torch.long, device=device)
+    pos = torch.arange(p0, p0 + T, device=device)[None]
+    mask = None if p0 == 0 else (torch.arange(p0 + T, device=device)[None, :] <= pos[0, :, None])[None, None]
+    caches = [block.attn.kv_cache for block in model.transformer.h]
+    for cache in caches:
+        cache.first_row = row
+    try:
+        return model.hidden_states(idx, pos, mask=mask)
+    finally:
+        for cache in caches:
+            cache.first_row = 0
+
+
 def prepare_cache(model: LLaMA, length: int, batch_size: int = 1) -> None:
     """Give every layer a KV cache of at least `length` positions (rounded up so that small changes
     in prompt length reuse the cache and the compiled graph)."""

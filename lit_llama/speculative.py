@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from lit_llama.generation import load_for_inference, sample_probs
+from lit_llama.generation import load_for_inference, row_forward, sample_probs
 from lit_llama.model import LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
@@ -116,17 +116,7 @@ class DraftModel:
 
     def _extend(self, row: int, chunk: List[int], p0: int) -> int:
         """Write `chunk` at positions p0.. of `row`; the greedy next token."""
-        T = len(chunk)
-        idx = torch.tensor([chunk], device=self.device)
-        pos = torch.arange(p0, p0 + T, device=self.device)[None]
-        mask = None if p0 == 0 else (torch.arange(p0 + T, device=self.device)[None, :] <= pos[0, :, None])[None, None]
-        for cache in self.caches:
-            cache.first_row = row
-        try:
-            x = self.model.hidden_states(idx, pos, mask=mask)
-        finally:
-            for cache in self.caches:
-                cache.first_row = 0
+        x = row_forward(self.model, row, chunk, p0, self.device)
         return int(self.model.logits(x[:, -1:])[0, -1].argmax())
 
 
