@@ -6,7 +6,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import UserError, run_cli
 
 
@@ -58,10 +58,10 @@ def main(
             have the same tokenizer.
         draft_tokens: the most tokens drafted per step.
     """
-    from lit_llama.chat import ChatSession, load_chat_model, run_chat
-    from lit_llama.generation import check_sampling_args
-    from lit_llama.prompts import get_template
-    from lit_llama.speculative import check_draft_tokens, load_drafter
+    from lit_llama.infer.chat import ChatSession, load_chat_model, run_chat
+    from lit_llama.infer.generation import check_sampling_args
+    from lit_llama.templates import get_template
+    from lit_llama.infer.speculative import check_draft_tokens, load_drafter
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     check_draft_tokens(draft_tokens)

@@ -7,11 +7,11 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.generation import (check_sampling_args, compile_decode_step, decode_step, load_for_inference,
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.infer.generation import (check_sampling_args, compile_decode_step, decode_step, load_for_inference,
                                   peak_memory_gb, print_completion, warm_up)
-from lit_llama.engine import Engine, Request, SamplingParams, speculation_summary, stream
-from lit_llama.speculative import check_draft_tokens, load_drafter
+from lit_llama.infer.engine import Engine, Request, SamplingParams, speculation_summary, stream
+from lit_llama.infer.speculative import check_draft_tokens, load_drafter
 from lit_llama.utils import run_cli
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import UserError, run_cli
 
 
@@ -72,11 +72,11 @@ def main(
             have the same tokenizer.
         draft_tokens: the most tokens drafted per step.
     """
-    from lit_llama.chat import load_chat_model
-    from lit_llama.prompts import get_template
-    from lit_llama.engine import cache_row_bytes
-    from lit_llama.serving import Jobs, Server, create_app
-    from lit_llama.speculative import check_draft_tokens, load_drafter
+    from lit_llama.infer.chat import load_chat_model
+    from lit_llama.templates import get_template
+    from lit_llama.infer.engine import cache_row_bytes
+    from lit_llama.serve.server import Jobs, Server, create_app
+    from lit_llama.infer.speculative import check_draft_tokens, load_drafter
 
     api_key = api_key or os.environ.get("LIT_LLAMA_API_KEY") or None
     if not 0 <= port < 65536:

@@ -28,7 +28,7 @@ setup(
         "uvicorn>=0.29",
     ],
     # serve.py's web chat page
-    package_data={"lit_llama": ["static/*.html"]},
+    package_data={"lit_llama.serve": ["static/*.html"]},
     extras_require={
         # openai: the official client against serve.py; fschat: FastChat's conversation templates, the
         # reference for the built-in chat templates; websocket-client: drives headless Chromium (test_web.py)

@@ -25,7 +25,7 @@ def token_windows(n: int, seq_len: int) -> torch.Tensor:
     """Windows of seq_len + 1 tokens of Python's own documentation text (offline English)."""
     import pydoc_data.topics
 
-    from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
     from lit_llama.tokenizer import Tokenizer
 
     text = "\n\n".join(pydoc_data.topics.topics.values())
@@ -34,9 +34,9 @@ def token_windows(n: int, seq_len: int) -> torch.Tensor:
 
 
 def ours(batches):
-    from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR, load_model
-    from lit_llama.lora import LoRAConfig, add_lora
-    from lit_llama.training import loss_fn
+    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, load_model
+    from lit_llama.peft.lora import LoRAConfig, add_lora
+    from lit_llama.train.training import loss_fn
 
     model = add_lora(load_model(ROOT / DEFAULT_CHECKPOINT_DIR), LoRAConfig()).train()
     return model, lambda x, y: loss_fn(model(x), y)
@@ -46,7 +46,7 @@ def peft(batches):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lit_llama.default_model import GGUF_NAME, cache_dir
+    from lit_llama.io.default_model import GGUF_NAME, cache_dir
 
     hf = AutoModelForCausalLM.from_pretrained(cache_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
     hf.config.use_cache = False

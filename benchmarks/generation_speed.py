@@ -3,12 +3,12 @@
 CPU mode (default) times the embedded SmolLM2-135M-Instruct checkpoint in every system, fp32, with the
 same thread count:
 
-- lit_llama, eager and `compile` (lit_llama.generation's `generate`, `decode_step`,
+- lit_llama, eager and `compile` (lit_llama.infer.generation's `generate`, `decode_step`,
   `compile_decode_step` and `prepare_cache`, as they are);
 - transformers, LlamaForCausalLM on SDPA: its default generate (dynamic cache) and its fastest
   setting (static cache with generate's automatic torch.compile of the decode step), from a Hugging
-  Face folder written by lit_llama.export from the checkpoint;
-- llama.cpp through llama-cpp-python, on F32 and F16 GGUF files written by lit_llama.export from the
+  Face folder written by lit_llama.io.export from the checkpoint;
+- llama.cpp through llama-cpp-python, on F32 and F16 GGUF files written by lit_llama.io.export from the
   same checkpoint (F32 with a float32 KV cache, F16 with llama.cpp's default float16 cache).
 
 For each it measures time to first token (prefill of a 512-token prompt + first token), prefill
@@ -56,7 +56,7 @@ N_COMPARE = 32  # greedy tokens compared with lit_llama eager
 
 
 def default_checkpoint() -> Path:
-    from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 
     return ROOT / DEFAULT_CHECKPOINT_DIR
 
@@ -77,8 +77,8 @@ def prompts(batch: int, length: int, vocab_size: int, model: str) -> torch.Tenso
 
 def exports(checkpoint: Path, systems: List[str]) -> dict:
     """The checkpoint as a Hugging Face folder and F32/F16 GGUF files, as the systems need them,
-    written by lit_llama.export (again whenever the checkpoint is newer)."""
-    from lit_llama.export import export_gguf, export_hf
+    written by lit_llama.io.export (again whenever the checkpoint is newer)."""
+    from lit_llama.io.export import export_gguf, export_hf
 
     WORK.mkdir(parents=True, exist_ok=True)
     src = checkpoint / "lit_model.safetensors"
@@ -134,10 +134,10 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class LitRunner:
     def __init__(self, spec: dict, device: torch.device, compile: bool):
-        from lit_llama.generation import compile_decode_step, decode_step
+        from lit_llama.infer.generation import compile_decode_step, decode_step
 
         if spec["model"] == "embedded":
-            from lit_llama.generation import load_for_inference
+            from lit_llama.infer.generation import load_for_inference
 
             # what generate.py runs: the same loading (and CPU weight layout)
             _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), "32-true", compile=compile)
@@ -148,7 +148,7 @@ class LitRunner:
 
     @torch.inference_mode()
     def run(self, prompt: torch.Tensor, new_tokens: int):
-        from lit_llama.generation import generate, prepare_cache
+        from lit_llama.infer.generation import generate, prepare_cache
 
         prompt = prompt.to(self.device)
         B, T = prompt.shape
@@ -198,8 +198,8 @@ class HFRunner:
         """transformers' model with exactly the random lit_llama model's weights (the export mapping)."""
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from lit_llama.convert import HF_NAMES
-        from lit_llama.export import source_tensors
+        from lit_llama.io.convert import HF_NAMES
+        from lit_llama.io.export import source_tensors
 
         dtype = getattr(torch, spec["dtype"])
         lit = random_lit_model(spec["model"].split(":", 1)[1], device, dtype)
@@ -399,7 +399,7 @@ def profile(spec: dict, steps: int = 1, compile: bool = False) -> None:
     """torch.profiler tables of `steps` lit_llama decode step(s) at position prompt_tokens + new_tokens/2."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
-    from lit_llama.generation import prepare_cache
+    from lit_llama.infer.generation import prepare_cache
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])

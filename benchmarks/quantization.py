@@ -24,7 +24,7 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files  # noqa: E402
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files  # noqa: E402
 
 # label, quantize/gptq.py arguments (None: no checkpoint of its own), --quantize to load it with.
 # The first GPTQ row is quantize/gptq.py's default (act-order, embedding / head at 6 bits).
@@ -47,7 +47,7 @@ ROWS = [
 
 
 def split_text(out_dir: Path) -> tuple:
-    from lit_llama.gptq import default_calibration_text
+    from lit_llama.quant.gptq import default_calibration_text
 
     text = default_calibration_text()
     half = len(text) // 2

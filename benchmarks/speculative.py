@@ -23,12 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.engine import Engine, Request, SamplingParams  # noqa: E402
-from lit_llama.generation import load_for_inference  # noqa: E402
-from lit_llama.gptq import rtn  # noqa: E402
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from lit_llama.infer.engine import Engine, Request, SamplingParams  # noqa: E402
+from lit_llama.infer.generation import load_for_inference  # noqa: E402
+from lit_llama.quant.gptq import rtn  # noqa: E402
 from lit_llama.model import LLaMA  # noqa: E402
-from lit_llama.speculative import DraftModel, PromptLookup  # noqa: E402
+from lit_llama.infer.speculative import DraftModel, PromptLookup  # noqa: E402
 from lit_llama.utils import run_cli  # noqa: E402
 
 CODE = '''def mean_and_spread(values):
@@ -123,7 +123,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, new_tokens: int = 200, d
         llama_cpp: also run llama.cpp with and without prompt lookup.
         write: write the table into docs/benchmarks.md.
     """
-    from lit_llama.prompts import ChatFormat, get_template
+    from lit_llama.templates import ChatFormat, get_template
 
     if threads:
         torch.set_num_threads(threads)
@@ -141,7 +141,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, new_tokens: int = 200, d
         results[label] = run_lit(model, tokenizer, prompts, new_tokens, drafter, draft_tokens, compile)
     base = {label: configs[0][0] if "eager" in label else "lit_llama compiled" for label in results}
     if llama_cpp and Path(checkpoint_dir).resolve() == (ROOT / DEFAULT_CHECKPOINT_DIR).resolve():
-        from lit_llama.default_model import GGUF_NAME, cache_dir
+        from lit_llama.io.default_model import GGUF_NAME, cache_dir
 
         for label, lookup in (("llama.cpp Q4_1", False), ("llama.cpp Q4_1 + prompt lookup", True)):
             print(f"{label} ...", file=sys.stderr, flush=True)

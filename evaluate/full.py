@@ -6,9 +6,9 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.generation import finetuned_source  # noqa: E402
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.evaluation import evaluate_checkpoint  # noqa: E402
+from lit_llama.infer.generation import finetuned_source  # noqa: E402
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from lit_llama.eval.perplexity import evaluate_checkpoint  # noqa: E402
 from lit_llama.utils import run_cli  # noqa: E402
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
 from lit_llama.utils import run_cli  # noqa: E402
 
 # the common-sense reasoning benchmarks of the LLaMA paper's Table 3
@@ -37,7 +37,7 @@ def main(
         quantize: llm.int8, or gptq.int4 / gptq.int3 for a checkpoint written by quantize/gptq.py.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
     """
-    from lit_llama.lm_eval_adapter import LitLLaMALM, load_tasks, run_tasks
+    from lit_llama.eval.harness import LitLLaMALM, load_tasks, run_tasks
     from lm_eval.utils import make_table
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]

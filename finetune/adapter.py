@@ -7,9 +7,9 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.adapter import AdapterConfig, add_adapter, save_adapter
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.training import TrainArgs, finetune
+from lit_llama.peft.adapter import AdapterConfig, add_adapter, save_adapter
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.train.training import TrainArgs, finetune
 from lit_llama.utils import run_cli
 
 

@@ -7,10 +7,10 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.adapter import AdapterConfig
-from lit_llama.adapter_v2 import add_adapter_v2, save_adapter_v2
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.training import TrainArgs, finetune
+from lit_llama.peft.adapter import AdapterConfig
+from lit_llama.peft.adapter_v2 import add_adapter_v2, save_adapter_v2
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.train.training import TrainArgs, finetune
 from lit_llama.utils import run_cli
 
 

@@ -7,11 +7,11 @@ from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.dpo import make_dpo_loss
-from lit_llama.lora import LoRAConfig, add_lora, save_lora
-from lit_llama.preference import maybe_quantize, train_on_pairs
-from lit_llama.training import TrainArgs
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.align.dpo import make_dpo_loss
+from lit_llama.peft.lora import LoRAConfig, add_lora, save_lora
+from lit_llama.align.preference import maybe_quantize, train_on_pairs
+from lit_llama.train.training import TrainArgs
 from lit_llama.utils import UserError, run_cli
 
 

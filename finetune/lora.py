@@ -7,10 +7,10 @@ from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.lora import LoRAConfig, add_lora, save_lora
-from lit_llama.quantization import quantize_linears
-from lit_llama.training import TrainArgs, finetune
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.peft.lora import LoRAConfig, add_lora, save_lora
+from lit_llama.quant.quantization import quantize_linears
+from lit_llama.train.training import TrainArgs, finetune
 from lit_llama.utils import run_cli
 
 

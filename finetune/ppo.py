@@ -1,6 +1,6 @@
 """RLHF with PPO, as StackLLaMA: a LoRA policy (with a value head) on the SFT'd model learns to
 raise a reward model's score, held near the SFT'd model by a KL penalty (the same weights with
-the LoRA branch switched off). The math is in lit_llama/ppo.py."""
+the LoRA branch switched off). The math is in lit_llama/align/ppo.py."""
 
 import json
 import sys
@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import UserError, run_cli
 
 
@@ -101,10 +101,10 @@ def main(
         save_interval: PPO steps between saves of the LoRA and value head (and at the end).
         seed: random seed (prompt order, sampling, initialisation).
     """
-    from lit_llama.checkpoint import load_config, load_model, validate_checkpoint_dir
-    from lit_llama.lora import LoRAConfig, add_lora, save_lora
-    from lit_llama.ppo import PolicyWithValueHead, PPOConfig, load_prompts, save_value_head, train
-    from lit_llama.reward import load_reward_model, score
+    from lit_llama.io.checkpoint import load_config, load_model, validate_checkpoint_dir
+    from lit_llama.peft.lora import LoRAConfig, add_lora, save_lora
+    from lit_llama.align.ppo import PolicyWithValueHead, PPOConfig, load_prompts, save_value_head, train
+    from lit_llama.align.reward import load_reward_model, score
     from lit_llama.tokenizer import Tokenizer
     from lit_llama.utils import make_fabric
 

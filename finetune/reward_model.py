@@ -7,11 +7,11 @@ from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.lora import LoRAConfig
-from lit_llama.preference import maybe_quantize, train_on_pairs
-from lit_llama.reward import REWARD_FILE, build_reward_model, reward_loss, save_reward_model
-from lit_llama.training import TrainArgs
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.peft.lora import LoRAConfig
+from lit_llama.align.preference import maybe_quantize, train_on_pairs
+from lit_llama.align.reward import REWARD_FILE, build_reward_model, reward_loss, save_reward_model
+from lit_llama.train.training import TrainArgs
 from lit_llama.utils import run_cli
 
 

@@ -124,7 +124,7 @@ class KVCache(nn.Module):
 
     With one row of positions per sequence (input_pos (B, T)), the batch is the cache's rows
     first_row .. first_row + B - 1 and each row is written at its own positions: the batched engine
-    (lit_llama/engine.py) keeps many sequences of different lengths in one cache this way."""
+    (lit_llama/infer/engine.py) keeps many sequences of different lengths in one cache this way."""
 
     def __init__(self, batch_size: int, n_groups: int, max_seq_length: int, head_size: int,
                  device=None, dtype=None):

@@ -144,7 +144,7 @@ class Tokenizer:
         template, in a sandbox, with the same options and globals as transformers."""
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template")
-        from lit_llama.prompts import render_jinja
+        from lit_llama.templates import render_jinja
 
         return render_jinja(self.chat_template, messages, add_generation_prompt,
                             **{**self.template_variables(), **kwargs})

@@ -1,24 +1,45 @@
 """Small shared helpers: the user-facing error type, the CLI runner, atomic output directories."""
 
 import contextlib
+import dataclasses
+import inspect
 import os
 import shutil
 import sys
 import tempfile
+import typing
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback."""
 
 
-def run_cli(main: Callable, **kwargs) -> None:
-    """Run `main` through jsonargparse; a UserError becomes one line on stderr and exit code 1."""
+def run_cli(main: Callable, args: Optional[Sequence[str]] = None) -> None:
+    """Run `main` with flags from the command line (its docstring's `Args:` become `--help`); a
+    UserError becomes one line on stderr and exit code 1.
+
+    A parameter typed with a dataclass (TrainArgs, SamplingArgs) contributes its fields as flags of
+    their own (`--max_iters`, not `--train.max_iters`), with the help text of the dataclass's
+    docstring: the flags are declared once, in the dataclass, and every script that takes the
+    group gets them; the signature's default instance gives that script's defaults."""
     from jsonargparse import CLI
 
     try:
-        CLI(main, as_positional=False, **kwargs)
+        groups = _dataclass_params(main)
+        if not groups:
+            CLI(main, as_positional=False, args=args)
+            return
+        parser = _grouped_parser(main, groups)
+        ns = parser.parse_args(args)
+        values = vars(ns) if not hasattr(ns, "as_dict") else ns.as_dict()
+        values.pop("config", None)
+        kwargs = {k: v for k, v in values.items() if k not in _group_fields(groups)}
+        for name, (cls, default) in groups.items():
+            fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+            kwargs[name] = dataclasses.replace(default, **fields) if default is not None else cls(**fields)
+        main(**kwargs)
     except (UserError, OSError) as e:
         # OSError: files the user named that cannot be read or written (missing, permissions, a file
         # where a folder should be): their message names the path
@@ -27,6 +48,33 @@ def run_cli(main: Callable, **kwargs) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _dataclass_params(main: Callable) -> Dict[str, Tuple[type, object]]:
+    hints = typing.get_type_hints(main)
+    out = {}
+    for name, param in inspect.signature(main).parameters.items():
+        cls = hints.get(name)
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            default = None if param.default is inspect.Parameter.empty else param.default
+            out[name] = (cls, default)
+    return out
+
+
+def _group_fields(groups) -> set:
+    return {f.name for cls, _ in groups.values() for f in dataclasses.fields(cls)}
+
+
+def _grouped_parser(main: Callable, groups):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(description=(inspect.getdoc(main) or "").split("\n\n")[0] or None)
+    parser.add_function_arguments(main, skip=set(groups), as_positional=False, as_group=False)
+    for cls, default in groups.values():
+        parser.add_class_arguments(cls, nested_key=None)
+        if default is not None:
+            parser.set_defaults({f.name: getattr(default, f.name) for f in dataclasses.fields(cls)})
+    return parser
 
 
 @contextlib.contextmanager

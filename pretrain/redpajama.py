@@ -6,7 +6,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.training import TrainArgs, pretrain
+from lit_llama.train.training import TrainArgs, pretrain
 from lit_llama.utils import run_cli
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.training import TrainArgs, pretrain
+from lit_llama.train.training import TrainArgs, pretrain
 from lit_llama.utils import UserError, run_cli
 
 DATA_DIR = Path("data/pydoc")  # tokenizer/ and packed/{train,val} are made here on first use
@@ -21,7 +21,7 @@ def prepare_pydoc(tokenizer_dir: Path, block_size: int) -> None:
     time is not spent in a 50k-wide output layer)."""
     from pydoc_data.topics import topics
 
-    from lit_llama.packed_dataset import prepare_text_folder, train_tokenizer
+    from lit_llama.data.packed import prepare_text_folder, train_tokenizer
 
     texts = [topics[name] for name in sorted(topics)]
     if not Path(tokenizer_dir).exists():

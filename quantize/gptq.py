@@ -7,8 +7,8 @@ from typing import Optional
 # run from a fresh clone without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.gptq import DEFAULT_SINK_SHARE, GPTQSettings, quantize_checkpoint  # noqa: E402
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from lit_llama.quant.gptq import DEFAULT_SINK_SHARE, GPTQSettings, quantize_checkpoint  # noqa: E402
 from lit_llama.utils import run_cli  # noqa: E402
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.export import export_checkpoint
+from lit_llama.io.export import export_checkpoint
 from lit_llama.utils import run_cli
 
 

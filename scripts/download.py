@@ -7,7 +7,7 @@ from typing import Optional
 # run from a fresh clone without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.download import download_hf  # noqa: E402
+from lit_llama.io.download import download_hf  # noqa: E402
 from lit_llama.utils import run_cli  # noqa: E402
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 # run from a fresh clone without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import load_model, save_checkpoint  # noqa: E402
-from lit_llama.lora import load_lora, merge_lora  # noqa: E402
-from lit_llama.prompts import recorded_template_name, save_template_name  # noqa: E402
+from lit_llama.io.checkpoint import load_model, save_checkpoint  # noqa: E402
+from lit_llama.peft.lora import load_lora, merge_lora  # noqa: E402
+from lit_llama.templates import recorded_template_name, save_template_name  # noqa: E402
 from lit_llama.utils import run_cli  # noqa: E402
 
 

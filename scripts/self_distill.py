@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import UserError, run_cli
 
 
@@ -37,7 +37,7 @@ def main(
     precision: Optional[str] = None,
 ) -> None:
     """For each prompt, sample num_samples answers from the chat model (with optional LoRA weights),
-    score prompt + answer with a reward model (lit_llama/reward.py) and append the best to output_path
+    score prompt + answer with a reward model (lit_llama/align/reward.py) and append the best to output_path
     as {"prompt", "dialogue": [user, assistant], "instruction", "input", "output", "score"}, which
     scripts/prepare_chat.py (and prepare_alpaca.py) read. Rerunning with the same output_path resumes:
     prompts already in it are skipped. Progress (tokens/s, ETA) goes to stderr.
@@ -66,8 +66,8 @@ def main(
         keep_samples: also write every sample with its score.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
     """
-    from lit_llama.generation import check_sampling_args
-    from lit_llama.self_chat import read_seeds
+    from lit_llama.infer.generation import check_sampling_args
+    from lit_llama.align.self_chat import read_seeds
 
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
@@ -88,15 +88,15 @@ def main(
 def run(prompts, output_path, checkpoint_dir, lora_path, template, reward_path, reward_checkpoint_dir, reward_format,
         num_samples, max_new_tokens, temperature, top_k, top_p, seed, keep_samples, precision, scorer=None):
     """Load the models and distil. `scorer(texts) -> scores` replaces the reward model (tests)."""
-    from lit_llama.chat import load_chat_model
-    from lit_llama.prompts import get_template
-    from lit_llama.self_chat import reward_texts, run_self_distill, sample_answers
+    from lit_llama.infer.chat import load_chat_model
+    from lit_llama.templates import get_template
+    from lit_llama.align.self_chat import reward_texts, run_self_distill, sample_answers
 
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading
     fabric, model, tokenizer, fmt, _ = load_chat_model(checkpoint_dir, precision, lora_path, None, template)
     if scorer is None:
-        from lit_llama.reward import load_reward_model, score
+        from lit_llama.align.reward import load_reward_model, score
         from lit_llama.tokenizer import Tokenizer
 
         reward_dir = reward_checkpoint_dir or checkpoint_dir

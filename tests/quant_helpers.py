@@ -11,7 +11,7 @@ from conftest import ROOT
 
 def tiny_checkpoint(tmp: Path, default_checkpoint: Path, seed: int = 0, **overrides) -> Path:
     """A random tiny model with the embedded model's tokenizer (so that real text can calibrate it)."""
-    from lit_llama.checkpoint import save_checkpoint
+    from lit_llama.io.checkpoint import save_checkpoint
     from lit_llama.model import Config, LLaMA
 
     torch.manual_seed(seed)
@@ -23,7 +23,7 @@ def tiny_checkpoint(tmp: Path, default_checkpoint: Path, seed: int = 0, **overri
 
 
 def calibration_file(tmp: Path, chars: int = 20000) -> Path:
-    from lit_llama.gptq import default_calibration_text
+    from lit_llama.quant.gptq import default_calibration_text
 
     path = tmp / "calibration.txt"
     path.write_text(default_calibration_text()[:chars])

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_llama.adapter import (AdapterAttention, AdapterConfig, add_adapter, adapter_state_dict, load_adapter,
+from lit_llama.peft.adapter import (AdapterAttention, AdapterConfig, add_adapter, adapter_state_dict, load_adapter,
                                save_adapter)
-from lit_llama.adapter_v2 import AdapterV2Linear, add_adapter_v2, load_adapter_v2, save_adapter_v2
-from lit_llama.checkpoint import CheckpointError, save_weights_file
+from lit_llama.peft.adapter_v2 import AdapterV2Linear, add_adapter_v2, load_adapter_v2, save_adapter_v2
+from lit_llama.io.checkpoint import CheckpointError, save_weights_file
 from lit_llama.model import LLaMA, Config, apply_rope, rope_cos_sin
 from lit_llama.utils import UserError
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from lit_llama.checkpoint import save_checkpoint
+from lit_llama.io.checkpoint import save_checkpoint
 from lit_llama.model import Config, LLaMA
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "piano", "tiger", "lemon"]
@@ -33,7 +33,7 @@ def _ok(r, *outputs):
 
 
 def test_sft_reward_model_ppo_pipeline(tmp_path, tiny_ckpt):
-    from lit_llama.prompts import instruction_prompt
+    from lit_llama.templates import instruction_prompt
 
     # 1. SFT: a few full-finetuning steps on instruction data
     sft_data = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in WORDS * 2]

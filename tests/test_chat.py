@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from lit_llama.chat import ChatSession, finetuned_wrap
-from lit_llama.prompts import ChatFormat, get_template, save_template_name
+from lit_llama.infer.chat import ChatSession, finetuned_wrap
+from lit_llama.templates import ChatFormat, get_template, save_template_name
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
 
@@ -93,8 +93,8 @@ def test_trimming_keeps_the_newest_turns_that_fit(default_checkpoint):
 @pytest.fixture(scope="module")
 def zero_lora(tmp_path_factory, default_checkpoint):
     """A LoRA for the embedded model whose update is zero (B = 0), recorded with the checkpoint's template."""
-    from lit_llama.checkpoint import load_model
-    from lit_llama.lora import LoRAConfig, add_lora, save_lora
+    from lit_llama.io.checkpoint import load_model
+    from lit_llama.peft.lora import LoRAConfig, add_lora, save_lora
 
     out = tmp_path_factory.mktemp("lora")
     save_lora(add_lora(load_model(default_checkpoint), LoRAConfig()), out)
@@ -114,7 +114,7 @@ def test_full_context_through_the_pipe_with_lora(session_run, zero_lora, default
     first = transcript(session_run.stdout)[0][1]
     assert first.startswith(turns[0][1]), (first, turns[0][1])
     # and the LoRA is really loaded
-    from lit_llama.checkpoint import load_model
+    from lit_llama.io.checkpoint import load_model
 
     assert finetuned_wrap(lora_path=zero_lora)(load_model(default_checkpoint)).lora_config is not None
 
@@ -190,7 +190,7 @@ def test_bad_flags_are_one_clear_line(args, message, default_checkpoint, capsys)
 def test_the_next_turn_prefills_only_its_new_tokens(default_checkpoint):
     """Turn 2 takes turn 1's keys and values from the session's cache row; its answer equals that of
     a fresh session given the same history, which computes the whole prompt."""
-    from lit_llama.generation import load_for_inference
+    from lit_llama.infer.generation import load_for_inference
 
     _, model, tok = load_for_inference(default_checkpoint, "32-true")
     fmt = ChatFormat(get_template("checkpoint", tok), tok)

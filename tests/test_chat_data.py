@@ -1,4 +1,4 @@
-"""scripts/prepare_chat.py and lit_llama/chat_data.py: multi-turn dialogues tokenised with the loss on
+"""scripts/prepare_chat.py and lit_llama/data/chat.py: multi-turn dialogues tokenised with the loss on
 the assistant's turns only, checked against independent renderings (FastChat's Baize template,
 transformers' apply_chat_template), loaded by finetuning, and trained on by finetune/lora.py."""
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import run_script
-from lit_llama.chat_data import encode_dialogue, read_dialogues
-from lit_llama.checkpoint import save_checkpoint
-from lit_llama.data import IGNORE_INDEX, load_instruction_data
+from lit_llama.data.chat import encode_dialogue, read_dialogues
+from lit_llama.io.checkpoint import save_checkpoint
+from lit_llama.data.instruction import IGNORE_INDEX, load_instruction_data
 from lit_llama.model import Config, LLaMA
-from lit_llama.prompts import ChatFormat, get_template
+from lit_llama.templates import ChatFormat, get_template
 from lit_llama.tokenizer import Tokenizer
 
 DIALOGUE = [
@@ -221,8 +221,8 @@ def test_lora_on_all_linear_layers_trains_on_it(chat_data, tiny_ckpt, tmp_path):
     losses = [float(line.split("loss ")[1].split()[0]) for line in r.stdout.splitlines() if line.startswith("step ")
               and "loss " in line]
     assert len(losses) >= 3 and all(l == l for l in losses), r.stdout  # finite (not NaN) on masked data
-    from lit_llama.checkpoint import load_weights_file
-    from lit_llama.prompts import recorded_template_name
+    from lit_llama.io.checkpoint import load_weights_file
+    from lit_llama.templates import recorded_template_name
 
     tensors, _ = load_weights_file(out / "lit_lora.safetensors", "lit_lora.safetensors")
     for name in ("c_attn.lora_A.q", "c_attn.lora_A.k", "c_attn.lora_A.v", "attn.c_proj", "mlp.c_fc1", "mlp.c_fc2",

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from lit_llama.checkpoint import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, CheckpointError, load_model,
+from lit_llama.io.checkpoint import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, CheckpointError, load_model,
                                   load_state_dict, save_checkpoint, validate_checkpoint_dir)
 from lit_llama.model import Config, LLaMA
 from lit_llama.utils import atomic_dir
@@ -45,7 +45,7 @@ def _tokenizer(tmp_path):
 
 @pytest.mark.parametrize("shard_bytes", [1 << 30, 20_000])
 def test_save_and_load_roundtrip(tmp_path, shard_bytes, monkeypatch):
-    import lit_llama.checkpoint as ckpt
+    import lit_llama.io.checkpoint as ckpt
 
     monkeypatch.setattr(ckpt.ShardedWriter.__init__, "__defaults__", (shard_bytes,))
     model = LLaMA(Config.from_name("tiny-gqa"))
@@ -105,7 +105,7 @@ def test_loading_memory_maps_instead_of_reading(default_checkpoint):
     """Loading the 538 MB default model must not read it into memory: weights are mapped and only
     paged in when used. Peak RSS after loading stays far below the file size over a torch import."""
     code = (
-        "import resource, torch; from lit_llama.checkpoint import load_model;"
+        "import resource, torch; from lit_llama.io.checkpoint import load_model;"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
         f"m = load_model(r'{default_checkpoint}');"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)"

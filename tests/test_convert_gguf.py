@@ -1,4 +1,4 @@
-"""GGUF files in (lit_llama/convert_gguf.py), checked against the float weights they were made from.
+"""GGUF files in (lit_llama/io/gguf.py), checked against the float weights they were made from.
 
 The test writes tiny `llama` GGUF files with the `gguf` package's own writer and quantizers, from
 random float weights in our (Hugging Face "rotate halves") layout; GGUF stores Q and K rows in
@@ -18,8 +18,8 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 from conftest import run_script
-from lit_llama.checkpoint import load_config, load_model, load_state_dict
-from lit_llama.convert_gguf import convert_gguf_checkpoint
+from lit_llama.io.checkpoint import load_config, load_model, load_state_dict
+from lit_llama.io.gguf import convert_gguf_checkpoint
 from lit_llama.tokenizer import Tokenizer
 
 N_LAYER, N_EMBD, N_HEAD, FFN, CTX, EPS = 2, 64, 4, 96, 64, 1e-5  # every row a multiple of 32 (one quant block)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_llama.checkpoint import load_model
-from lit_llama.convert import convert_meta_checkpoint
+from lit_llama.io.checkpoint import load_model
+from lit_llama.io.convert import convert_meta_checkpoint
 
 DIM, N_LAYER, N_HEAD, VOCAB = 64, 2, 4, 400
 # name: (params.json extras, n_kv_heads, rope_theta, intermediate size by Meta's FeedForward formula:

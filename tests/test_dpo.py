@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import run_script
-from lit_llama.checkpoint import load_model
-from lit_llama.convert import convert_hf_checkpoint
-from lit_llama.dpo import dpo_loss, lora_disabled, make_dpo_loss, reference_logprobs, response_logprobs
-from lit_llama.lora import LoRAConfig, add_lora, load_lora
-from lit_llama.preference import collate_pairs
+from lit_llama.io.checkpoint import load_model
+from lit_llama.io.convert import convert_hf_checkpoint
+from lit_llama.align.dpo import dpo_loss, lora_disabled, make_dpo_loss, reference_logprobs, response_logprobs
+from lit_llama.peft.lora import LoRAConfig, add_lora, load_lora
+from lit_llama.align.preference import collate_pairs
 from lit_llama.tokenizer import Tokenizer
 from test_reward_model import HELD_OUT, STACKLLAMA, make_pairs, write_jsonl
 from test_reward_model import tiny_ckpt  # noqa: F401 (a fixture)

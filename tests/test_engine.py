@@ -1,4 +1,4 @@
-"""The batched engine (lit_llama/engine.py) on the embedded model in float32: each request served in a
+"""The batched engine (lit_llama/infer/engine.py) on the embedded model in float32: each request served in a
 batch gets the greedy tokens `generation.generate` gives it alone, whatever its neighbours and
 arrival step (eager and compiled); the prefix cache changes nothing but the work; chunked prefill
 lets running requests go on; seeds, stop strings, cancellation and limits."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import assert_same_greedy
-from lit_llama.engine import Engine, EngineFull, Request, SamplingParams, cache_row_bytes
-from lit_llama.generation import generate
+from lit_llama.infer.engine import Engine, EngineFull, Request, SamplingParams, cache_row_bytes
+from lit_llama.infer.generation import generate
 from lit_llama.utils import UserError
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
@@ -21,7 +21,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a h
 
 @pytest.fixture(scope="module")
 def model(default_checkpoint):
-    from lit_llama.generation import load_for_inference
+    from lit_llama.infer.generation import load_for_inference
 
     _, model, tokenizer = load_for_inference(default_checkpoint, "32-true")
     return model, tokenizer
@@ -29,7 +29,7 @@ def model(default_checkpoint):
 
 @pytest.fixture(scope="module")
 def prompts(model):
-    from lit_llama.prompts import ChatFormat, get_template
+    from lit_llama.templates import ChatFormat, get_template
 
     _, tokenizer = model
     fmt = ChatFormat(get_template("checkpoint", tokenizer), tokenizer)
@@ -100,7 +100,7 @@ def test_prefill_is_chunked_and_the_batch_keeps_decoding(model, prompts, alone):
 
 
 def test_prefix_cache_reuses_keys_and_values_and_changes_nothing(model, prompts):
-    from lit_llama.prompts import ChatFormat, get_template
+    from lit_llama.templates import ChatFormat, get_template
 
     m, tok = model
     fmt = ChatFormat(get_template("checkpoint", tok), tok)
@@ -228,8 +228,8 @@ def test_without_the_prefix_cache_every_prompt_is_computed(model, prompts):
 def test_best_of_n_samples_are_rows_of_one_batch(model):
     """self_chat.sample_answers (self-distillation's best-of-N): greedy, every row is the answer
     generate gives alone; sampled, the rows differ."""
-    from lit_llama.prompts import ChatFormat, get_template
-    from lit_llama.self_chat import sample_answers
+    from lit_llama.templates import ChatFormat, get_template
+    from lit_llama.align.self_chat import sample_answers
 
     m, tok = model
     fmt = ChatFormat(get_template("checkpoint", tok), tok)

@@ -1,4 +1,4 @@
-"""Perplexity evaluation (lit_llama/evaluation.py and the four evaluate/ scripts, float and
+"""Perplexity evaluation (lit_llama/eval/perplexity.py and the four evaluate/ scripts, float and
 quantized, with LoRA and adapters) and the lm-eval harness adapter, on a tiny random model with the
 embedded model's tokenizer."""
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_script
-from lit_llama.evaluation import perplexity
-from lit_llama.gptq import GPTQSettings, default_calibration_text, quantize_checkpoint
+from lit_llama.eval.perplexity import perplexity
+from lit_llama.quant.gptq import GPTQSettings, default_calibration_text, quantize_checkpoint
 from quant_helpers import assert_one_error_line, calibration_file, run_main, tiny_checkpoint
 
 SEQLEN = 64
@@ -20,10 +20,10 @@ SEQLEN = 64
 @pytest.fixture(scope="module")
 def setup(default_checkpoint, tmp_path_factory):
     """(float checkpoint, its 4-bit GPTQ version, finetuned weights of every kind, evaluation text)."""
-    from lit_llama.adapter import AdapterConfig, add_adapter, save_adapter
-    from lit_llama.adapter_v2 import add_adapter_v2, save_adapter_v2
-    from lit_llama.checkpoint import load_model
-    from lit_llama.lora import LoRAConfig, add_lora, save_lora
+    from lit_llama.peft.adapter import AdapterConfig, add_adapter, save_adapter
+    from lit_llama.peft.adapter_v2 import add_adapter_v2, save_adapter_v2
+    from lit_llama.io.checkpoint import load_model
+    from lit_llama.peft.lora import LoRAConfig, add_lora, save_lora
 
     tmp = tmp_path_factory.mktemp("eval")
     src = tiny_checkpoint(tmp, default_checkpoint, seed=2)
@@ -48,9 +48,9 @@ def setup(default_checkpoint, tmp_path_factory):
 
 
 def wrap_for(kind, files):
-    from lit_llama.adapter import load_adapter
-    from lit_llama.adapter_v2 import load_adapter_v2
-    from lit_llama.lora import load_lora
+    from lit_llama.peft.adapter import load_adapter
+    from lit_llama.peft.adapter_v2 import load_adapter_v2
+    from lit_llama.peft.lora import load_lora
 
     load = {"lora": load_lora, "adapter": load_adapter, "adapter_v2": load_adapter_v2}.get(kind)
     return None if load is None else (lambda m: load(m, files[kind]))
@@ -61,7 +61,7 @@ _expected = {}
 
 def expected_perplexity(checkpoint, text: Path, kind=None, files=None, quantize=None) -> float:
     """The library's perplexity for a configuration, computed once per test session."""
-    from lit_llama.generation import load_for_inference
+    from lit_llama.infer.generation import load_for_inference
 
     key = (str(checkpoint), kind, quantize)
     if key not in _expected:
@@ -152,7 +152,7 @@ def test_bad_evaluation_input_is_one_error_line(case, setup, tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def harness_model(setup):
     pytest.importorskip("lm_eval")
-    from lit_llama.lm_eval_adapter import LitLLaMALM
+    from lit_llama.eval.harness import LitLLaMALM
 
     return LitLLaMALM(str(setup[0]), max_length=16, max_gen_toks=6)
 

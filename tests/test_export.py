@@ -1,4 +1,4 @@
-"""Export to GGUF and to Hugging Face (lit_llama/export.py), checked by loading the export in the other system.
+"""Export to GGUF and to Hugging Face (lit_llama/io/export.py), checked by loading the export in the other system.
 
 - Hugging Face folders are loaded by transformers' LlamaForCausalLM / AutoTokenizer: same logits, same ids.
 - GGUF files are read back by transformers' own GGUF loader (an independent reader: config, q/k
@@ -26,10 +26,10 @@ import gguf
 
 from conftest import run_script, top1_agreement
 from isolated import SubprocessCrashed, llama_cpp_run, run_isolated, segfault
-from lit_llama.checkpoint import load_model, load_state_dict, save_checkpoint
-from lit_llama.convert_gguf import convert_gguf_checkpoint
-from lit_llama.export import export_gguf, export_hf, halves_to_interleaved
-from lit_llama.convert import interleaved_to_halves
+from lit_llama.io.checkpoint import load_model, load_state_dict, save_checkpoint
+from lit_llama.io.gguf import convert_gguf_checkpoint
+from lit_llama.io.export import export_gguf, export_hf, halves_to_interleaved
+from lit_llama.io.convert import interleaved_to_halves
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
 from test_convert_gguf import error_bound
@@ -46,13 +46,13 @@ needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is No
 
 
 def reader_fields(path: Path) -> dict:
-    from lit_llama.convert_gguf import gguf_metadata
+    from lit_llama.io.gguf import gguf_metadata
 
     return gguf_metadata(gguf.GGUFReader(path))
 
 
 def dequantized(path: Path) -> dict:
-    from lit_llama.convert_gguf import dequantize
+    from lit_llama.io.gguf import dequantize
 
     return {t.name: dequantize(t) for t in gguf.GGUFReader(path).tensors}
 
@@ -533,7 +533,7 @@ def test_script_bad_input_is_one_line(tiny, tmp_path, case):
 @pytest.mark.parametrize("to", ["gguf", "hf"])
 def test_failure_while_writing_leaves_nothing(tiny, tmp_path, monkeypatch, to):
     """A failure in the middle of the tensors (disk full, a bad tensor) leaves no partial output."""
-    import lit_llama.export as export
+    import lit_llama.io.export as export
 
     calls = {"n": 0}
 

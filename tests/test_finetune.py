@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from lit_llama.checkpoint import load_model, save_checkpoint
-from lit_llama.data import IGNORE_INDEX, InstructionBatches, collate
+from lit_llama.io.checkpoint import load_model, save_checkpoint
+from lit_llama.data.instruction import IGNORE_INDEX, InstructionBatches, collate
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "piano", "tiger", "lemon"]
-# Stanford Alpaca's template, written out here independently of lit_llama/prompts.py
+# Stanford Alpaca's template, written out here independently of lit_llama/templates.py
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{}\n\n### Response:\n")
 

@@ -1,6 +1,6 @@
 import torch
 
-from lit_llama.generation import sample, stream_text
+from lit_llama.infer.generation import sample, stream_text
 
 
 def test_greedy_is_argmax():

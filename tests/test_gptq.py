@@ -9,9 +9,9 @@ import torch
 
 from conftest import run_script
 from quant_helpers import assert_one_error_line, calibration_file, run_main, tiny_checkpoint
-from lit_llama.gptq import (DEFAULT_SINK_SHARE, GPTQSettings, Hessian, calibration_inputs, calibration_tokens, gptq,
+from lit_llama.quant.gptq import (DEFAULT_SINK_SHARE, GPTQSettings, Hessian, calibration_inputs, calibration_tokens, gptq,
                             minmax_params, quantize_block, quantize_checkpoint, rtn, sample_windows, sink_weights)
-from lit_llama.quantization import PackedEmbedding, PackedLinear, load_packed_model
+from lit_llama.quant.quantization import PackedEmbedding, PackedLinear, load_packed_model
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -128,7 +128,7 @@ def packed(default_checkpoint, tmp_path_factory):
 
 
 def test_packed_checkpoint_round_trips(packed, tmp_path):
-    from lit_llama.checkpoint import ShardedWriter, copy_tokenizer_files
+    from lit_llama.io.checkpoint import ShardedWriter, copy_tokenizer_files
 
     src, out = packed
     config = json.loads((out / "lit_config.json").read_text())
@@ -166,7 +166,7 @@ def test_packed_checkpoint_round_trips(packed, tmp_path):
 def test_head_gptq_beats_rtn_on_the_head_outputs(packed):
     """The head's packed weight (tied: the embedding's too) came from GPTQ on the final-norm
     outputs: on such inputs its logits are closer to the float head's than RTN's at 6 bits."""
-    from lit_llama.checkpoint import load_model
+    from lit_llama.io.checkpoint import load_model
 
     src, out = packed
     float_model, model = load_model(src).eval(), load_packed_model(out).eval()
@@ -182,7 +182,7 @@ def test_head_gptq_beats_rtn_on_the_head_outputs(packed):
 
 
 def test_packed_model_computes_what_its_dequantized_weights_do(packed):
-    from lit_llama.checkpoint import load_model
+    from lit_llama.io.checkpoint import load_model
 
     src, out = packed
     model = load_packed_model(out).eval()
@@ -227,7 +227,7 @@ def test_untied_head_and_embedding_are_packed_separately(default_checkpoint, tmp
     """An untied model (LLaMA-7B's layout): GPTQ quantizes lm_head on the final-norm outputs, and
     the embedding, a lookup, is rounded to nearest without act-order; the packed model computes
     what a float model holding those dequantized weights computes."""
-    from lit_llama.checkpoint import load_model
+    from lit_llama.io.checkpoint import load_model
 
     src = tiny_checkpoint(tmp_path, default_checkpoint, seed=2, tie_embeddings=False)
     out = tmp_path / "untied"
@@ -252,7 +252,7 @@ def test_untied_head_and_embedding_are_packed_separately(default_checkpoint, tmp
 def test_rtn_with_the_default_flags_loads_and_matches_round_to_nearest(packed, tmp_path):
     """--method rtn with the script's defaults (act-order on, 6-bit head and down projections): no
     calibration, no perm, every weight the nearest level of its group's grid."""
-    from lit_llama.checkpoint import load_model
+    from lit_llama.io.checkpoint import load_model
 
     src, _ = packed
     out = tmp_path / "rtn"
@@ -293,8 +293,8 @@ def test_bad_quantize_input_is_one_error_line(case, packed, tmp_path, monkeypatc
 
 
 def test_calibration_from_a_prepared_dataset(default_checkpoint, tmp_path):
-    from lit_llama.data import load_instruction_data, prepare_instruction_data
-    from lit_llama.gptq import calibration_tokens, sample_windows
+    from lit_llama.data.instruction import load_instruction_data, prepare_instruction_data
+    from lit_llama.quant.gptq import calibration_tokens, sample_windows
     from lit_llama.tokenizer import Tokenizer
 
     records = [{"instruction": f"Name a number larger than {i}.", "input": "", "output": str(i + 1)} for i in range(20)]
@@ -346,7 +346,7 @@ def test_sinks_carry_their_share_whatever_the_window_length(seqlen):
 def test_calibration_inputs_are_the_hidden_states_of_a_forward_pass(default_checkpoint, seqlen):
     """What each block is calibrated on equals what it sees in a plain forward pass of the same
     windows (embedding, rotary positions, causal attention), for short and long windows."""
-    from lit_llama.checkpoint import load_model
+    from lit_llama.io.checkpoint import load_model
 
     model = load_model(default_checkpoint).eval()
     tokens = Tokenizer(default_checkpoint).encode(calibration_text()[:20000])
@@ -365,7 +365,7 @@ def test_calibration_inputs_are_the_hidden_states_of_a_forward_pass(default_chec
 
 
 def calibration_text() -> str:
-    from lit_llama.gptq import default_calibration_text
+    from lit_llama.quant.gptq import default_calibration_text
 
     return default_calibration_text()
 
@@ -385,8 +385,8 @@ def trained(default_checkpoint):
     """The embedded model's float weights, tokenizer, and a function giving the perplexity on the
     held-out text of a copy whose blocks 10-21 (the layers where the attention sink forms) are
     quantized to 4 bits g128 by `settings`, calibrated on windows of Python's documentation."""
-    from lit_llama.checkpoint import load_model
-    from lit_llama.evaluation import perplexity
+    from lit_llama.io.checkpoint import load_model
+    from lit_llama.eval.perplexity import perplexity
 
     tok = Tokenizer(default_checkpoint)
     calib = tok.encode(calibration_text())

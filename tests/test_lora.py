@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from conftest import run_script
-from lit_llama.checkpoint import CheckpointError, load_model, save_checkpoint, save_weights_file
-from lit_llama.lora import (LORA_FILE, LoRAConfig, LoRALinear, LoRAQKVLinear, add_lora, load_lora, lora_state_dict,
+from lit_llama.io.checkpoint import CheckpointError, load_model, save_checkpoint, save_weights_file
+from lit_llama.peft.lora import (LORA_FILE, LoRAConfig, LoRALinear, LoRAQKVLinear, add_lora, load_lora, lora_state_dict,
                             merge_lora, save_lora)
 from lit_llama.model import Config, LLaMA
 
@@ -214,7 +214,7 @@ def test_qlora_forward_frozen_weights_and_training(mode):
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
 
-    from lit_llama.quantization import quantize_linears
+    from lit_llama.quant.quantization import quantize_linears
 
     base = tiny("tiny")  # untied: has an lm_head
     x = tokens()
@@ -241,7 +241,7 @@ def test_qlora_merge_dequantizes_and_keeps_the_logits():
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
 
-    from lit_llama.quantization import quantize_linears
+    from lit_llama.quant.quantization import quantize_linears
 
     model = randomize(add_lora(quantize_linears(tiny(), "nf4"), LoRAConfig()))
     x = tokens()
@@ -264,7 +264,7 @@ def test_4bit_layer_keeps_the_generic_cpu_path(shape):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbF
 
-    from lit_llama.quantization import dequantize_weight, quantize_linears
+    from lit_llama.quant.quantization import dequantize_weight, quantize_linears
 
     torch.manual_seed(0)
     out_features, in_features = shape
@@ -288,7 +288,7 @@ def test_4bit_layer_keeps_the_generic_cpu_path(shape):
 
 
 def test_quantize_rejects_unknown_modes():
-    from lit_llama.quantization import quantize_linears
+    from lit_llama.quant.quantization import quantize_linears
     from lit_llama.utils import UserError
 
     with pytest.raises(UserError, match="unknown quantization mode 'int3'"):
@@ -352,7 +352,7 @@ def test_matches_peft_on_transformers_llama(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lit_llama.convert import convert_hf_checkpoint
+    from lit_llama.io.convert import convert_hf_checkpoint
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_llama.checkpoint import load_model
-from lit_llama.convert import convert_hf_checkpoint
+from lit_llama.io.checkpoint import load_model
+from lit_llama.io.convert import convert_hf_checkpoint
 
 # name: (num_key_value_heads, tied, rope_theta, vocab_size, how the weights are saved)
 CASES = {
@@ -142,7 +142,7 @@ def test_download_fetches_and_converts(tmp_path, monkeypatch):
 
     import huggingface_hub
 
-    from lit_llama.download import download_hf
+    from lit_llama.io.download import download_hf
 
     hf = tiny_hf_model(2, False, 10000.0, 300)
     save_hf(hf, tmp_path / "hub", "safetensors")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from lit_llama import packed_dataset as pd
+from lit_llama.data import packed as pd
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
 
@@ -203,7 +203,7 @@ def test_prepare_redpajama_mix(tmp_path, small_tokenizer):
         assert mix == {"common_crawl": 67.0, "book": 4.5, "arxiv": 2.5}
         assert all(any((tmp_path / "out" / split / name).glob("*.bin")) for name in mix)
     assert not (tmp_path / "out" / ".staging").exists()
-    from lit_llama.data import tokenizer_fingerprint
+    from lit_llama.data.instruction import tokenizer_fingerprint
 
     ds = pd.open_dataset(tmp_path / "out" / "train", 15, tokenizer_fingerprint(small_tokenizer), small_tokenizer)
     assert isinstance(ds, pd.CombinedDataset) and ds.per_round.tolist() == [9054, 608, 338]

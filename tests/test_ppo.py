@@ -1,4 +1,4 @@
-"""PPO (lit_llama/ppo.py, finetune/ppo.py): GAE and the clipped losses against the formulas written
+"""PPO (lit_llama/align/ppo.py, finetune/ppo.py): GAE and the clipped losses against the formulas written
 out independently, the KL-penalised rewards, the adaptive KL controller, the reference model (LoRA
 switched off) against the base model, batched left-padded generation against one-at-a-time
 generation, a PPO run that raises a scripted reward within a stated KL bound, and the CLI."""
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from lit_llama.lora import LoRAConfig, add_lora
+from lit_llama.peft.lora import LoRAConfig, add_lora
 from lit_llama.model import Config, LLaMA
-from lit_llama.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOConfig, Rollouts,
+from lit_llama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValueHead, PPOConfig, Rollouts,
                            compute_gae, generate_batch, kl_penalty_rewards, left_pad, load_value_head, lora_disabled,
                            ppo_losses, ppo_step, rollout_stats, save_value_head, train, whiten)
 
@@ -212,7 +212,7 @@ def _final_hidden(model, row):
 
 
 def test_batched_generation_equals_one_prompt_at_a_time():
-    from lit_llama.generation import generate
+    from lit_llama.infer.generation import generate
 
     policy = lora_policy(tiny())
     queries, _ = prompts_and_responses()
@@ -321,8 +321,8 @@ def write_tokenizer(folder, vocab=500):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A tiny checkpoint with a reward model for it, and a reward model for another base."""
-    from lit_llama.checkpoint import load_model, save_checkpoint
-    from lit_llama.reward import build_reward_model, save_reward_model
+    from lit_llama.io.checkpoint import load_model, save_checkpoint
+    from lit_llama.align.reward import build_reward_model, save_reward_model
 
     d = tmp_path_factory.mktemp("ppo_cli")
     (d / "tok").mkdir()
@@ -363,7 +363,7 @@ def test_help_documents_every_flag():
 
 
 def test_cli_trains_saves_and_bad_input_is_one_line_leaving_the_output_alone(tmp_path, ckpts, monkeypatch, capsys):
-    from lit_llama.lora import load_lora
+    from lit_llama.peft.lora import load_lora
 
     out = tmp_path / "out"
     common = ["--checkpoint_dir", ckpts / "base", "--reward_path", ckpts / "reward", "--out_dir", out,
@@ -403,8 +403,8 @@ def test_cli_bad_input_in_a_subprocess_is_one_line(tmp_path, ckpts):
 
 
 def test_prompt_files_in_every_form(tmp_path):
-    from lit_llama.ppo import read_prompt_texts
-    from lit_llama.prompts import instruction_prompt
+    from lit_llama.align.ppo import read_prompt_texts
+    from lit_llama.templates import instruction_prompt
     from lit_llama.utils import UserError
 
     rows = ["plain text", {"prompt": "verbatim: "}, {"question": "Why?", "response_j": "a", "response_k": "b"},

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from lit_llama.checkpoint import load_model
+from lit_llama.io.checkpoint import load_model
 import test_packed_dataset
 from test_packed_dataset import _one_error_line, make_documents, write_corpus
 
@@ -120,7 +120,7 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, corpus, smal
 
 def test_flops_per_token_and_device_peaks(monkeypatch):
     from lit_llama.model import Config, LLaMA
-    from lit_llama.training import flops_per_token, format_duration, peak_flops
+    from lit_llama.train.training import flops_per_token, format_duration, peak_flops
 
     config = Config.from_name("tiny-gqa", vocab_size=512)
     weights = sum(p.numel() for p in LLaMA(config).parameters() if p.dim() == 2)  # the (tied) embedding once

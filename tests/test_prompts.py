@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_llama.generation import TextStream
-from lit_llama.prompts import (BUILTIN, ChatFormat, JinjaChatTemplate, choose_template, get_template,
+from lit_llama.infer.generation import TextStream
+from lit_llama.templates import (BUILTIN, ChatFormat, JinjaChatTemplate, choose_template, get_template,
                                instruction_prompt, render_jinja, save_template_name)
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
@@ -21,7 +21,7 @@ from lit_llama.utils import UserError
 SYSTEM = "You are a terse assistant."
 TURNS = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"},
          {"role": "user", "content": "What is 2 + 2?"}]
-# Stanford Alpaca's template, written out here independently of lit_llama/prompts.py
+# Stanford Alpaca's template, written out here independently of lit_llama/templates.py
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{}\n\n### Response:\n")
 # Meta's chat template as published with meta-llama/Llama-2-7b-chat-hf (tokenizer_config.json)
@@ -234,7 +234,7 @@ def test_template_choice(tokenizer_dir, tmp_path):
 def test_converters_record_the_template(tmp_path, spm_checkpoint):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lit_llama.convert import convert_hf_checkpoint, convert_meta_checkpoint
+    from lit_llama.io.convert import convert_hf_checkpoint, convert_meta_checkpoint
     from test_convert_meta import meta_state_dict
     from test_model_hf import save_hf, tiny_hf_model
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from lit_llama.quantization import (PackedEmbedding, PackedLinear, dequantize_weight, pack_int, quantize_linears, unpack_int)
+from lit_llama.quant.quantization import (PackedEmbedding, PackedLinear, dequantize_weight, pack_int, quantize_linears, unpack_int)
 from lit_llama.utils import UserError
 from quant_helpers import assert_one_error_line, calibration_file, run_main, tiny_checkpoint
 
@@ -115,8 +115,8 @@ def test_triton_kernel_matches_the_dequantized_reference():
     # unpacking as on a GPU, checked here without one
     code = """
 import torch
-from lit_llama.quant_kernels import packed_matmul
-from lit_llama.quantization import dequantize_ints, pack_int
+from lit_llama.quant.kernels import packed_matmul
+from lit_llama.quant.quantization import dequantize_ints, pack_int
 torch.manual_seed(0)
 for bits, K, N, gs, M in [(4, 192, 70, 64, 1), (3, 200, 33, 48, 5), (4, 576, 96, 128, 20)]:
     q = torch.randint(0, 2 ** bits, (N, K))
@@ -133,9 +133,9 @@ print("ok")
 
 
 def test_cpu_path_never_imports_triton():
-    code = ("import sys, torch\nfrom lit_llama.quantization import PackedLinear\n"
+    code = ("import sys, torch\nfrom lit_llama.quant.quantization import PackedLinear\n"
             "PackedLinear(64, 8, 4, 32)(torch.randn(1, 64))\n"
-            "assert 'triton' not in sys.modules and 'lit_llama.quant_kernels' not in sys.modules\nprint('ok')")
+            "assert 'triton' not in sys.modules and 'lit_llama.quant.kernels' not in sys.modules\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
@@ -174,8 +174,8 @@ def test_released_mapped_pages_leave_memory_but_not_the_data(tmp_path):
     # what keeps llm.int8 loading near the int8 size: each float weight's pages go once quantized
     from safetensors.torch import save_file
 
-    from lit_llama.checkpoint import load_safetensors
-    from lit_llama.quantization import release_mapped_pages
+    from lit_llama.io.checkpoint import load_safetensors
+    from lit_llama.quant.quantization import release_mapped_pages
 
     t = torch.randn(10_000_000)  # 40 MB
     save_file({"a": t, "b": t[:1000] * 2}, str(tmp_path / "w.safetensors"))
@@ -193,7 +193,7 @@ def test_released_mapped_pages_leave_memory_but_not_the_data(tmp_path):
 
 
 def test_unknown_quantization_modes_are_refused(tmp_path):
-    from lit_llama.quantization import check_quantize_mode
+    from lit_llama.quant.quantization import check_quantize_mode
 
     with pytest.raises(UserError, match="unknown --quantize 'int2'"):
         check_quantize_mode(tmp_path, "int2")
@@ -205,7 +205,7 @@ def test_unknown_quantization_modes_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(default_checkpoint, tmp_path_factory):
     """A tiny random float checkpoint with the embedded tokenizer, and its 4-bit GPTQ version."""
-    from lit_llama.gptq import GPTQSettings, quantize_checkpoint
+    from lit_llama.quant.gptq import GPTQSettings, quantize_checkpoint
 
     tmp = tmp_path_factory.mktemp("quant")
     src = tiny_checkpoint(tmp, default_checkpoint, seed=1)

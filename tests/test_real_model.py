@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import run_script
-from lit_llama.checkpoint import load_model
-from lit_llama.generation import generate
+from lit_llama.io.checkpoint import load_model
+from lit_llama.infer.generation import generate
 from lit_llama.tokenizer import Tokenizer
 
 QUESTION = "What is the capital of France?"

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import run_script
-from lit_llama.checkpoint import CheckpointError, save_checkpoint
-from lit_llama.lora import LoRAConfig
+from lit_llama.io.checkpoint import CheckpointError, save_checkpoint
+from lit_llama.peft.lora import LoRAConfig
 from lit_llama.model import Config, LLaMA
-from lit_llama.preference import collate_pairs, encode_pair, read_preference_file
-from lit_llama.reward import (REWARD_FILE, build_reward_model, load_reward_model, pairwise_loss,
+from lit_llama.align.preference import collate_pairs, encode_pair, read_preference_file
+from lit_llama.align.reward import (REWARD_FILE, build_reward_model, load_reward_model, pairwise_loss,
                               save_reward_model, score)
 from lit_llama.tokenizer import Tokenizer
 
@@ -25,7 +25,7 @@ WORDS = ("apple river stone cloud green piano tiger lemon house chair table wate
 # filler words never seen in training: the held-out pairs test the property, not memorised pairs
 HELD_OUT = "garden window silver rabbit candle forest orange winter pencil castle".split()
 MARK = "gold"  # every chosen answer has it, no rejected one does
-# StackLLaMA's template, written out here independently of lit_llama/preference.py
+# StackLLaMA's template, written out here independently of lit_llama/align/preference.py
 STACKLLAMA = "Question: {}\n\nAnswer: "
 
 
@@ -181,7 +181,7 @@ def test_pairwise_loss_equals_hand_computation():
 
 
 def test_only_lora_and_head_train_and_file_round_trips(tmp_path, tiny_ckpt):
-    from lit_llama.checkpoint import load_model
+    from lit_llama.io.checkpoint import load_model
 
     model = build_reward_model(load_model(tiny_ckpt), LoRAConfig(r=4))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -213,7 +213,7 @@ def test_reward_file_for_another_base_is_refused(tmp_path, tiny_ckpt, default_ch
     save_checkpoint(other, LLaMA(Config.from_name("tiny", vocab_size=49152, n_layer=3)), tokenizer_dir=default_checkpoint)
     with pytest.raises(CheckpointError, match="was trained on base tiny .*, not tiny"):
         load_reward_model(other, tmp_path / "rm")
-    r = run_script("-m", "lit_llama.reward", "--checkpoint_dir", other, "--reward_path", tmp_path / "rm",
+    r = run_script("-m", "lit_llama.align.reward", "--checkpoint_dir", other, "--reward_path", tmp_path / "rm",
                    "--text", "Question: hi\n\nAnswer: there")
     line = _one_error_line(r)
     assert "was trained on base tiny (2 layers" in line and "not tiny (3 layers" in line
@@ -267,7 +267,7 @@ def test_reward_training_resumes_exactly(tmp_path, trained, tiny_ckpt, prefs_dir
 
 
 @pytest.mark.parametrize("args", [["scripts/prepare_preferences.py"], ["finetune/reward_model.py"],
-                                  ["-m", "lit_llama.reward"]])
+                                  ["-m", "lit_llama.align.reward"]])
 def test_help(args):
     r = run_script(*args, "--help")
     assert r.returncode == 0 and "--checkpoint_dir" in r.stdout, r.stderr

@@ -1,4 +1,4 @@
-"""Baize's self-chat (scripts/self_chat.py, lit_llama/self_chat.py) and self-distillation
+"""Baize's self-chat (scripts/self_chat.py, lit_llama/align/self_chat.py) and self-distillation
 (scripts/self_distill.py): dialogues from the embedded model, post-processing on handcrafted
 transcripts, resuming, bad input; the best-scored answer is the one kept."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from lit_llama.prompts import get_template
-from lit_llama.self_chat import (AI, HUMAN, Deduplicator, Turn, best_of, clean_dialogue, degenerate_reason,
+from lit_llama.templates import get_template
+from lit_llama.align.self_chat import (AI, HUMAN, Deduplicator, Turn, best_of, clean_dialogue, degenerate_reason,
                                  parse_transcript, read_jsonl_resume, read_seeds, rejected_path, review,
                                  run_self_chat, run_self_distill, strip_tags)
 from lit_llama.utils import UserError
@@ -227,7 +227,7 @@ def test_self_distill_keeps_the_best_scored_sample(tmp_path):
     counts = run_self_distill(["Q1", "Q2", "Q4"], out, lambda m: (["z"], 1), lambda m, s: [0.0])
     assert counts["skipped"] == 2 and _lines(out)[-1]["prompt"] == "Q4"
     # what prepare_chat.py reads
-    from lit_llama.chat_data import read_dialogues
+    from lit_llama.data.chat import read_dialogues
 
     assert read_dialogues(out)[0] == rows[0]["dialogue"]
 
@@ -266,12 +266,12 @@ def test_self_distill_cli(tmp_path):
 
 
 def test_self_distill_cli_with_a_reward_model(tmp_path, default_checkpoint):
-    """The whole script with lit_llama/reward.py's model (random weights on a tiny base): every sample
+    """The whole script with lit_llama/align/reward.py's model (random weights on a tiny base): every sample
     is scored by score(), and the kept answer is the best one."""
-    from lit_llama.checkpoint import save_checkpoint
-    from lit_llama.lora import LoRAConfig
+    from lit_llama.io.checkpoint import save_checkpoint
+    from lit_llama.peft.lora import LoRAConfig
     from lit_llama.model import Config, LLaMA
-    from lit_llama.reward import build_reward_model, load_reward_model, save_reward_model, score
+    from lit_llama.align.reward import build_reward_model, load_reward_model, save_reward_model, score
     from lit_llama.tokenizer import Tokenizer
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Speculative decoding (lit_llama/speculative.py) in the batched engine: greedy output with drafts
+"""Speculative decoding (lit_llama/infer/speculative.py) in the batched engine: greedy output with drafts
 equals plain greedy decoding (`generation.generate` alone), with prompt lookup and with a draft model,
 eager and compiled; sampled output keeps the model's own distribution (against the probabilities of
 a direct forward pass); the scripts' flags and their bad values."""
@@ -12,10 +12,10 @@ from scipy.stats import chisquare
 
 from conftest import assert_same_greedy
 from quant_helpers import assert_one_error_line, run_main
-from lit_llama.engine import Engine, Request, SamplingParams
-from lit_llama.generation import generate
+from lit_llama.infer.engine import Engine, Request, SamplingParams
+from lit_llama.infer.generation import generate
 from lit_llama.model import Config, LLaMA
-from lit_llama.speculative import DraftModel, PromptLookup, lookup
+from lit_llama.infer.speculative import DraftModel, PromptLookup, lookup
 
 TEXT = ("The lighthouse keeper climbed the stairs every evening at six. He wound the clock, lit the lamp and "
         "wrote one line in the log: the weather, the ships he saw, and whether the gulls had come back.")
@@ -34,7 +34,7 @@ def test_lookup_copies_what_followed_the_latest_match():
 
 @pytest.fixture(scope="module")
 def model(default_checkpoint):
-    from lit_llama.generation import load_for_inference
+    from lit_llama.infer.generation import load_for_inference
 
     _, m, tokenizer = load_for_inference(default_checkpoint, "32-true")
     return m, tokenizer
@@ -59,7 +59,7 @@ def rounded(m: LLaMA, bits: int = 3, group: int = 32) -> LLaMA:
 
 @pytest.fixture(scope="module")
 def prompts(model):
-    from lit_llama.prompts import ChatFormat, get_template
+    from lit_llama.templates import ChatFormat, get_template
 
     _, tokenizer = model
     fmt = ChatFormat(get_template("checkpoint", tokenizer), tokenizer)
@@ -139,7 +139,7 @@ def test_sampling_with_drafts_keeps_the_model_distribution(which):
 
 @pytest.fixture(scope="module")
 def draft_checkpoint(tmp_path_factory, default_checkpoint, model):
-    from lit_llama.checkpoint import save_checkpoint
+    from lit_llama.io.checkpoint import save_checkpoint
 
     out = tmp_path_factory.mktemp("draft") / "draft"
     save_checkpoint(out, rounded(model[0]), tokenizer_dir=default_checkpoint)

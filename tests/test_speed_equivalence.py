@@ -15,8 +15,8 @@ import torch
 import torch._dynamo
 
 from conftest import ROOT, assert_same_greedy, run_script
-from lit_llama.checkpoint import load_model
-from lit_llama.generation import DecodeLinear, compile_decode_step, decode_step, generate, load_for_inference
+from lit_llama.io.checkpoint import load_model
+from lit_llama.infer.generation import DecodeLinear, compile_decode_step, decode_step, generate, load_for_inference
 from lit_llama.tokenizer import Tokenizer
 
 N = 32
@@ -48,7 +48,7 @@ def test_decode_layout_changes_strides_not_results(default_checkpoint, model):
 def test_last_position_logits_are_those_of_the_full_pass(model):
     """Generation asks for the last position's logits only (the head over a whole prompt would be a
     fifth of the prefill): the same numbers as the last row of the full pass."""
-    from lit_llama.generation import prepare_cache
+    from lit_llama.infer.generation import prepare_cache
 
     idx = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -1,0 +1,329 @@
+"""Autoregressive generation: prefill, then one token at a time through the KV cache."""
+
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+
+from lit_llama.model import LLaMA, linear
+from lit_llama.utils import UserError
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 means greedy; `generator`:
+    the random numbers' source (default: torch's global one)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = sample_probs(logits, temperature, top_k, top_p)
+    # exponential race instead of torch.multinomial: same distribution, no host-device sync
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
+
+
+def sample_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                 top_p: float = 1.0) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0): softmax(logits / temperature) over the
+    top_k most likely tokens and the nucleus of probability top_p."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # nucleus: keep the most likely tokens until their probability sums to top_p (always >= 1)
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top_k must be at least 1, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+
+
+def decode_step(model: LLaMA, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    return model(x, input_pos, last=True)[:, -1]
+
+
+def compile_decode_step(device: torch.device) -> Callable:
+    # one graph for every position: input_pos is a tensor, the KV cache has a fixed size.
+    # On CUDA, CUDA graphs remove the launch overhead; on CPU, freezing folds the weights into the
+    # graph as constants (inference only: the model must not change afterwards).
+    if device.type == "cuda":
+        return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, options={"freezing": True})
+
+
+@torch.inference_mode()
+def warm_up(model: LLaMA, step: Callable, device, length: int) -> float:
+    """Run (and so compile) `step` once on a KV cache sized for `length` positions, so that the
+    compilation is not counted in the first generation's speed; returns the seconds it took. The
+    cache content it leaves is overwritten by the next prompt (positions are written before read)."""
+    import time
+
+    t0 = time.perf_counter()
+    prepare_cache(model, length)
+    step(model, torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    return time.perf_counter() - t0
+
+
+class DecodeLinear(torch.nn.Linear):
+    """nn.Linear whose product goes through `model.linear`, so that a compiled CPU decode step
+    computes it as a fused reduction. Same parameters, same results."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Module:
+    """Prepare the float matrices for CPU decoding, where at batch 1 every step is matrix-vector
+    products bound by memory bandwidth (measured on AMD EPYC, see docs/benchmarks.md).
+
+    compiled: the plain linear layers become DecodeLinear (their class is swapped in place, the
+    parameters stay), whose row-major weights the compiled step streams as fused reductions.
+    Eager: the wide matrices (more outputs than inputs: the fused QKV, the MLP's input projections,
+    the head / tied embedding) are stored column-major, which MKL's x @ W.T streams 1.2-1.9x faster
+    than row-major (and which the compiled reduction would stream 3x slower); same values and
+    shapes, only the strides change, and the memory-mapped originals' pages are given back, so
+    peak memory stays one model."""
+    from lit_llama.quant.quantization import release_mapped_pages
+
+    for module in model.modules():
+        if compiled:
+            if type(module) is torch.nn.Linear:
+                module.__class__ = DecodeLinear
+            continue
+        w = getattr(module, "weight", None)
+        if type(module) in (torch.nn.Linear, torch.nn.Embedding) and w is not None and w.dim() == 2 \
+                and w.is_floating_point() and w.size(0) > w.size(1) and w.is_contiguous():
+            old = w.data
+            w.data = old.t().contiguous().t()
+            release_mapped_pages(old)
+    return model
+
+
+def row_forward(model: LLaMA, row: int, chunk: Sequence[int], p0: int, device) -> torch.Tensor:
+    """Hidden states (1, T, n_embd) of `chunk` written at positions p0.. of row `row` of the model's
+    batched KV cache (the batched engine's rows; lit_llama/infer/engine.py). A chunk from position 0
+    attends to itself only (the causal kernel); a later one also to the row's earlier keys."""
+    T = len(chunk)
+    idx = torch.tensor([list(chunk)], dtype=torch.long, device=device)
+    pos = torch.arange(p0, p0 + T, device=device)[None]
+    mask = None if p0 == 0 else (torch.arange(p0 + T, device=device)[None, :] <= pos[0, :, None])[None, None]
+    caches = [block.attn.kv_cache for block in model.transformer.h]
+    for cache in caches:
+        cache.first_row = row
+    try:
+        return model.hidden_states(idx, pos, mask=mask)
+    finally:
+        for cache in caches:
+            cache.first_row = 0
+
+
+def prepare_cache(model: LLaMA, length: int, batch_size: int = 1) -> None:
+    """Give every layer a KV cache of at least `length` positions (rounded up so that small changes
+    in prompt length reuse the cache and the compiled graph)."""
+    length = min(model.config.block_size, 256 * -(-length // 256))
+    cache = model.transformer.h[0].attn.kv_cache
+    if cache is None or cache.k.size(2) < length or cache.k.size(0) != batch_size:
+        model.set_kv_cache(batch_size, length)
+
+
+@torch.inference_mode()
+def generate(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+             step: Callable = decode_step) -> Iterator[int]:
+    """Yield up to `max_new_tokens` token ids after `prompt` (1-D), stopping after a stop id (not
+    yielded) or at the end of the context. `step` is `decode_step`, possibly compiled."""
+    T = prompt.numel()
+    if T >= model.config.block_size:
+        raise UserError(f"the prompt has {T} tokens; the model's context is {model.config.block_size}")
+    max_new_tokens = min(max_new_tokens, model.config.block_size - T)
+    prepare_cache(model, T + max_new_tokens)
+    device = prompt.device
+    logits = model(prompt[None], torch.arange(T, device=device), last=True)[:, -1]
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p)
+        t = int(token.item())
+        if t in stop_ids:
+            return
+        yield t
+        if i + 1 < max_new_tokens:
+            logits = step(model, token.view(1, 1), torch.tensor([T + i], device=device))
+
+
+class TextStream:
+    """Turns generated token ids into text pieces, as they arrive, and stops at a stop string.
+
+    The whole sequence is decoded each time and the new suffix emitted (SentencePiece spaces and
+    multi-byte characters stay right); text that could be the beginning of a stop string is held
+    back until it is clear it is not one, so a stop string is never shown, even in part."""
+
+    def __init__(self, decode: Callable[[list], str], stop_strings: Sequence[str] = ()):
+        self.decode = decode
+        self.stops = [s for s in stop_strings if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.ids: List[int] = []
+        self.text = ""  # the answer so far, stop string excluded
+        self._emitted = 0
+        self.stopped = False  # a stop string was found
+
+    def add(self, token: int) -> str:
+        """The text that can be shown after `token` ("" if none yet); sets `stopped` at a stop string."""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            return ""
+        safe = len(text)
+        if self.stops:
+            start = max(0, self._emitted - self.longest)
+            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.stopped = True
+                return self._emit(text[: min(hits)], min(hits))
+            safe -= max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text, safe)
+
+    def _emit(self, text: str, upto: int) -> str:
+        piece = text[self._emitted: upto] if upto > self._emitted else ""
+        self._emitted = max(self._emitted, upto)
+        self.text = text[: self._emitted]
+        return piece
+
+    def flush(self) -> str:
+        """What was held back, at the end of generation (nothing after a stop string)."""
+        if self.stopped or not self.ids:
+            return ""
+        text = self.decode(self.ids)
+        return self._emit(text, len(text))
+
+
+def stream_text(decode: Callable[[list], str], tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive (TextStream without stop strings)."""
+    stream = TextStream(decode)
+    for t in tokens:
+        piece = stream.add(t)
+        if piece:
+            yield piece
+    rest = stream.flush()
+    if rest:
+        yield rest
+
+
+def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Optional[Callable] = None,
+                       quantize: Optional[str] = None, compile: bool = False):
+    """(fabric, model, tokenizer) for a checkpoint directory, the model on Fabric's device in
+    eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin.
+    `wrap(model)` may add finetuned weights (LoRA, adapters) first.
+
+    `quantize`: llm.int8 quantizes the float linear layers of the blocks (after `wrap`, so LoRA and
+    adapters wrap float layers that are then quantized) one at a time onto the device; gptq.int4
+    and gptq.int3 load a checkpoint written by quantize/gptq.py, whose packed layers `wrap` wraps.
+    `compile`: the weights are laid out for `compile_decode_step` rather than for eager decoding."""
+    from lit_llama.io.checkpoint import load_model, validate_checkpoint_dir
+    from lit_llama.quant.quantization import check_quantize_mode, load_packed_model, quantize_linears
+    from lit_llama.tokenizer import Tokenizer
+    from lit_llama.utils import make_fabric
+
+    fabric = make_fabric(precision)
+    # before any weight is read: a mode that does not fit the checkpoint is one clear line
+    validate_checkpoint_dir(checkpoint_dir)
+    packed = check_quantize_mode(checkpoint_dir, quantize)
+    if packed is not None:
+        model = load_packed_model(checkpoint_dir, _weight_dtype(precision))
+    else:
+        model = load_model(checkpoint_dir)
+    if wrap is not None:
+        model = wrap(model)
+    if quantize == "llm.int8":
+        quantize_linears(model, quantize, device=fabric.device, release_mapped=True)
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = fabric.setup_module(model.eval())
+    if fabric.device.type == "cpu":
+        decode_layout(model, compiled=compile)
+    return fabric, model, tokenizer
+
+
+def _weight_dtype(precision: Optional[str]) -> torch.dtype:
+    # the dtype Fabric's precision gives the weights: half for the "-true" half precisions, float32
+    # otherwise (mixed precisions keep float32 weights)
+    from lit_llama.utils import default_precision
+
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64,
+            "64": torch.float64}.get(precision or default_precision(), torch.float32)
+
+
+def print_completion(model: LLaMA, tokenizer, prompt: str, device, max_new_tokens: int, *, temperature: float = 0.0,
+                     top_k: Optional[int] = None, top_p: float = 1.0, step: Callable = decode_step) -> str:
+    """Generate after `prompt`, streaming the text to stdout and the speed to stderr; returns the text."""
+    import sys
+    import time
+
+    encoded = tokenizer.encode(prompt).to(device)
+    t0, pieces, n = time.perf_counter(), [], 0
+    tokens = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      stop_ids=tokenizer.stop_ids, step=step)
+
+    def counted(tokens):
+        nonlocal n
+        for t in tokens:
+            n += 1
+            yield t
+
+    for piece in stream_text(tokenizer.decode, counted(tokens)):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print(flush=True)
+    dt = time.perf_counter() - t0
+    print(f"Time for inference: {dt:.2f} s, {n} tokens, {n / dt:.2f} tokens/s", file=sys.stderr)
+    return "".join(pieces)
+
+
+def peak_memory_gb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def answer_instruction(checkpoint_dir, instruction: str, input: str = "", wrap: Optional[Callable] = None, *,
+                       max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = 200,
+                       top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
+                       compile: bool = False, quantize: Optional[str] = None) -> str:
+    """What the generate/ scripts do: wrap the instruction in the finetuning template and stream
+    the model's response to stdout."""
+    from lit_llama.templates import instruction_prompt
+
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, wrap, quantize, compile)
+    fabric.seed_everything(seed, verbose=False)
+    step = compile_decode_step(fabric.device) if compile else decode_step
+    return print_completion(model, tokenizer, instruction_prompt(instruction, input), fabric.device,
+                            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, step=step)
+
+
+def finetuned_source(checkpoint_dir, finetuned_path, quantize: Optional[str] = None):
+    """(checkpoint dir to load, wrap) for finetune/full.py's weights on top of `checkpoint_dir`.
+
+    Packed GPTQ weights cannot take float weights: for gptq.* modes `finetuned_path` must be the
+    finetuned model quantized by quantize/gptq.py, and is loaded on its own."""
+    from pathlib import Path
+
+    from lit_llama.io.checkpoint import load_finetuned_weights
+    from lit_llama.quant.quantization import read_quantization
+
+    if quantize is not None and quantize.startswith("gptq."):
+        if read_quantization(finetuned_path) is None:
+            final = Path(finetuned_path) / "final" if (Path(finetuned_path) / "final").is_dir() else finetuned_path
+            raise UserError(f"--quantize {quantize} needs the finetuned model quantized: run `python quantize/gptq.py "
+                            f"--checkpoint_dir {final} --output_dir OUT` and pass OUT as --finetuned_path")
+        return finetuned_path, None
+    return checkpoint_dir, lambda model: load_finetuned_weights(model, finetuned_path)

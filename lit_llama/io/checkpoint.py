@@ -1,0 +1,311 @@
+"""A checkpoint directory: `lit_config.json`, weights in safetensors, and the tokenizer files.
+
+Loading memory-maps the weights (no second copy in RAM, no code run from the file); writing
+streams tensor by tensor into shards and becomes visible only when complete (atomic rename).
+"""
+
+import json
+import mmap
+import struct
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from lit_llama.model import Config, LLaMA
+from lit_llama.utils import UserError
+
+CONFIG_FILE = "lit_config.json"
+WEIGHTS_FILE = "lit_model.safetensors"
+INDEX_FILE = "lit_model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# chat_template.jinja: where recent transformers saves the chat template; lit_template.json: the
+# name of the chat template recorded by lit_llama (lit_llama/templates.py)
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "lit_template.json")
+DEFAULT_CHECKPOINT_DIR = Path("checkpoints/SmolLM2-135M-Instruct")
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(UserError):
+    pass
+
+
+# ---------------------------------------------------------------- safetensors, read and write
+
+
+def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, memory-mapped: pages are read from disk when first used.
+
+    The format is a little-endian u64 header length, a JSON header of dtype/shape/offsets, then
+    raw data; every offset is checked against the file size so a truncated file is reported."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is corrupted: its header is not valid JSON")
+        # a private (copy-on-write) map: tensors may be modified in memory, never the file
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} is corrupted or uses an unsupported dtype (tensor {name!r})")
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or 8 + n + end > size:
+            raise CheckpointError(f"{path} is truncated or corrupted (tensor {name!r} runs past the end)")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + begin).view(shape)
+    return out
+
+
+class ShardedWriter:
+    """Writes tensors one at a time into safetensors shards of at most `shard_bytes`, so peak memory
+    is one shard, not the whole model. Several shards get an index like Hugging Face's."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int = 4 << 30):
+        self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: List[List[str]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or any(name in s for s in self.shards):
+            raise ValueError(f"tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().cpu().contiguous()
+        self.pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, str(self.out_dir / f"shard-{len(self.shards):05d}.safetensors"))
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            (self.out_dir / "shard-00000.safetensors").rename(self.out_dir / WEIGHTS_FILE)
+            return
+        n = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            fname = f"lit_model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out_dir / f"shard-{i:05d}.safetensors").rename(self.out_dir / fname)
+            weight_map.update({name: fname for name in names})
+        (self.out_dir / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}, indent=2))
+
+
+def write_config(out_dir: Path, config: Config) -> None:
+    (Path(out_dir) / CONFIG_FILE).write_text(json.dumps(config.asdict(), indent=2))
+
+
+# ---------------------------------------------------------------- reading a checkpoint directory
+
+
+def weight_files(checkpoint_dir: Path) -> List[Path]:
+    checkpoint_dir = Path(checkpoint_dir)
+    index = checkpoint_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise CheckpointError(f"{index} is corrupted")
+        return [checkpoint_dir / n for n in names]
+    return [checkpoint_dir / WEIGHTS_FILE]
+
+
+def validate_checkpoint_dir(checkpoint_dir: Path) -> None:
+    """Raise a CheckpointError that names every file the directory lacks."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        hint = ""
+        if checkpoint_dir == DEFAULT_CHECKPOINT_DIR:
+            hint = " (run `make model` or `python scripts/prepare_default_model.py` to create it)"
+        raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist{hint}")
+    missing = [] if (checkpoint_dir / CONFIG_FILE).is_file() else [CONFIG_FILE]
+    missing += [f.name for f in weight_files(checkpoint_dir) if not f.is_file()]
+    if not any((checkpoint_dir / t).is_file() for t in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise CheckpointError(f"checkpoint directory {checkpoint_dir} is incomplete: missing {', '.join(missing)}")
+
+
+def load_config(checkpoint_dir: Path) -> Config:
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    try:
+        fields = json.loads(path.read_text())
+        # how quantize/gptq.py packed the weights (lit_llama.quant.quantization reads it), not the architecture
+        fields.pop("quantization", None)
+        return Config(**fields)
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a valid model config: {e}")
+
+
+def load_state_dict(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
+    state_dict = {}
+    for f in weight_files(checkpoint_dir):
+        state_dict.update(load_safetensors(f))
+    return state_dict
+
+
+def load_model(checkpoint_dir: Path, config: Optional[Config] = None) -> LLaMA:
+    """The model of a checkpoint directory on CPU, its parameters memory-mapped from the file.
+
+    It is built on the meta device (no allocation) and the file's tensors are assigned in place."""
+    validate_checkpoint_dir(checkpoint_dir)
+    _refuse_packed(checkpoint_dir)
+    config = config or load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = LLaMA(config)
+    state_dict = load_state_dict(checkpoint_dir)
+    check_state_dict(model, state_dict, checkpoint_dir)
+    model.load_state_dict(state_dict, assign=True)
+    return model
+
+
+def _refuse_packed(checkpoint_dir: Path) -> None:
+    # packed integer weights fit no float model: only lit_llama.quant.quantization.load_packed_model reads them
+    from lit_llama.quant.quantization import packed_mode, read_quantization
+
+    entry = read_quantization(checkpoint_dir)
+    if entry is not None:
+        raise CheckpointError(f"{checkpoint_dir} holds {entry.get('bits')}-bit weights packed by quantize/gptq.py: "
+                              f"load it with --quantize {packed_mode(entry)}")
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], where) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = [f"missing tensors {missing[:5]}"] if missing else []
+        parts += [f"unexpected tensors {unexpected[:5]}"] if unexpected else []
+        raise CheckpointError(f"weights in {where} do not match the config: {'; '.join(parts)}")
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(state_dict[k].shape):
+            raise CheckpointError(f"weights in {where}: {k} has shape {tuple(state_dict[k].shape)}, "
+                                  f"the config needs {tuple(v.shape)}")
+
+
+def torch_load(path: Path) -> Dict[str, torch.Tensor]:
+    """A PyTorch pickle, memory-mapped, with `weights_only=True`: a file whose pickle would run
+    code is refused instead of executed."""
+    import pickle
+    import warnings
+    import zipfile
+
+    # mmap needs torch.save's zip format; older (legacy tar/pickle) files are read whole
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before it refuses or loads: noise next to our message
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message opens with advice to retry with weights_only=False; show the reason instead
+        reasons = [l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported" in l]
+        reason = f" ({reasons[0]})" if reasons else ""
+        raise CheckpointError(f"refusing to load {path}: its pickle is not plain weights{reason}")
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupted ({str(e).splitlines()[0][:200]})")
+
+
+def save_checkpoint(out_dir: Path, model: LLaMA, tokenizer_dir: Optional[Path] = None,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write `model` (or `state_dict` for model's config) as a checkpoint directory, atomically,
+    copying the tokenizer files."""
+    from lit_llama.utils import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        writer = ShardedWriter(tmp)
+        for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
+            writer.add(name, tensor)
+        writer.close()
+        write_config(tmp, model.config)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    import shutil
+
+    for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+# ---------------------------------------------------------------- small weight files (LoRA, adapters)
+
+
+def save_weights_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: dict) -> None:
+    """A safetensors file of a few tensors plus a JSON `metadata` dict (e.g. the LoRA config),
+    written atomically."""
+    from safetensors.torch import save_file
+
+    from lit_llama.utils import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"lit_llama": json.dumps(metadata)})
+
+
+def load_weights_file(path: Path, default_name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file written by save_weights_file; `path` may be the file or the
+    folder that holds `default_name`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    tensors = load_safetensors(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    try:
+        return tensors, json.loads(meta.get("lit_llama", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has corrupted metadata")
+
+
+def load_finetuned_weights(model: LLaMA, path: Path) -> LLaMA:
+    """Replace `model`'s weights with a finetuned checkpoint of the same architecture: a checkpoint
+    directory, finetune/full.py's out_dir (its `final` folder), or a weights file."""
+    path = Path(path)
+    if (path / "final").is_dir():
+        path = path / "final"
+    if path.is_dir():
+        validate_checkpoint_dir(path)
+        state_dict = load_state_dict(path)
+    elif path.is_file():
+        state_dict = load_safetensors(path)
+    else:
+        raise CheckpointError(f"{path} does not exist")
+    check_state_dict(model, state_dict, path)
+    model.load_state_dict(state_dict, assign=True)
+    return model

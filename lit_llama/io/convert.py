@@ -1,0 +1,291 @@
+"""Weights in from Meta's original checkpoints and Hugging Face folders, tensor by tensor.
+
+Every source is described by the same few roles (embedding, q/k/v, MLP, norms) under its own
+names; `lit_tensors` turns any of them into our layout one tensor at a time, so peak memory is a
+layer, not a model. GGUF files reuse the same path (`lit_llama/io/gguf.py`).
+"""
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from lit_llama.io.checkpoint import ShardedWriter, copy_tokenizer_files, torch_load, load_safetensors, write_config
+from lit_llama.model import Config
+from lit_llama.utils import UserError, atomic_dir
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "ffn_norm")
+
+HF_NAMES = {
+    "wte": "model.embed_tokens.weight", "ln_f": "model.norm.weight", "lm_head": "lm_head.weight",
+    "q": "model.layers.{i}.self_attn.q_proj.weight", "k": "model.layers.{i}.self_attn.k_proj.weight",
+    "v": "model.layers.{i}.self_attn.v_proj.weight", "o": "model.layers.{i}.self_attn.o_proj.weight",
+    "gate": "model.layers.{i}.mlp.gate_proj.weight", "up": "model.layers.{i}.mlp.up_proj.weight",
+    "down": "model.layers.{i}.mlp.down_proj.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+}
+META_NAMES = {
+    "wte": "tok_embeddings.weight", "ln_f": "norm.weight", "lm_head": "output.weight",
+    "q": "layers.{i}.attention.wq.weight", "k": "layers.{i}.attention.wk.weight",
+    "v": "layers.{i}.attention.wv.weight", "o": "layers.{i}.attention.wo.weight",
+    "gate": "layers.{i}.feed_forward.w1.weight", "up": "layers.{i}.feed_forward.w3.weight",
+    "down": "layers.{i}.feed_forward.w2.weight",
+    "attn_norm": "layers.{i}.attention_norm.weight", "ffn_norm": "layers.{i}.ffn_norm.weight",
+}
+# Meta's model-parallel shards split these along dim 1; the norms are replicated; the rest along dim 0
+META_SPLIT_DIM1 = ("tok_embeddings.", ".attention.wo.", ".feed_forward.w2.")
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k rows from Meta's rotary layout (adjacent pairs rotate together) to ours (the
+    two halves of each head rotate together), the same permutation Hugging Face's converter does."""
+    out_features, in_features = w.shape
+    hd = out_features // n_heads
+    return w.view(n_heads, hd // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def source_shapes(config: Config) -> Dict[str, Tuple[int, ...]]:
+    """The shape each role's source tensor must have under `config`."""
+    e, i, hs = config.n_embd, config.intermediate_size, config.head_size
+    q, kv = config.n_head * hs, config.n_query_groups * hs
+    return {"q": (q, e), "k": (kv, e), "v": (kv, e), "o": (e, q), "gate": (i, e), "up": (i, e),
+            "down": (e, i), "attn_norm": (e,), "ffn_norm": (e,), "ln_f": (e,)}
+
+
+def check_shape(name: str, w: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    # a config that disagrees with the weights would otherwise fail deep in a view/cat with a
+    # traceback, or write a checkpoint that only fails when loaded
+    if tuple(w.shape) != tuple(shape):
+        raise UserError(f"tensor {name!r} has shape {tuple(w.shape)}, the model config needs {tuple(shape)}")
+    return w
+
+
+def pad_vocab(w: torch.Tensor, config: Config) -> torch.Tensor:
+    if w.dim() != 2 or w.size(1) != config.n_embd or not config.vocab_size <= w.size(0) <= config.padded_vocab_size:
+        raise UserError(f"embedding/output of shape {tuple(w.shape)} does not fit vocab_size {config.vocab_size} "
+                        f"and n_embd {config.n_embd}")
+    if w.size(0) == config.padded_vocab_size:
+        return w
+    return torch.cat([w, w.new_zeros(config.padded_vocab_size - w.size(0), w.size(1))])
+
+
+def lit_tensors(config: Config, get: Callable[[str], torch.Tensor], names: Dict[str, str],
+                interleaved_rope: bool, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) of our state dict from a source's `get(name)`, one tensor at a time."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    shapes = source_shapes(config)
+    yield "transformer.wte.weight", cast(pad_vocab(get(names["wte"]), config))
+    for i in range(config.n_layer):
+        w = {r: check_shape(names[r].format(i=i), get(names[r].format(i=i)), shapes[r]) for r in ROLES}
+        if interleaved_rope:
+            w["q"] = interleaved_to_halves(w["q"], config.n_head)
+            w["k"] = interleaved_to_halves(w["k"], config.n_query_groups)
+        p = f"transformer.h.{i}."
+        yield p + "rms_1.weight", cast(w["attn_norm"])
+        yield p + "attn.c_attn.weight", cast(torch.cat([w["q"], w["k"], w["v"]]))
+        yield p + "attn.c_proj.weight", cast(w["o"])
+        yield p + "rms_2.weight", cast(w["ffn_norm"])
+        yield p + "mlp.c_fc1.weight", cast(w["gate"])
+        yield p + "mlp.c_fc2.weight", cast(w["up"])
+        yield p + "mlp.c_proj.weight", cast(w["down"])
+    yield "transformer.ln_f.weight", cast(check_shape(names["ln_f"], get(names["ln_f"]), shapes["ln_f"]))
+    if not config.tie_embeddings:
+        yield "lm_head.weight", cast(pad_vocab(get(names["lm_head"]), config))
+
+
+def write_checkpoint(output_dir: Path, config: Config, tensors: Iterator[Tuple[str, torch.Tensor]],
+                     finish: Callable[[Path], None], total: Optional[int] = None) -> None:
+    """Stream `tensors` into a new checkpoint directory; `finish(tmp_dir)` adds the tokenizer files.
+    Nothing appears at `output_dir` unless every step succeeds."""
+    from tqdm import tqdm
+
+    total = total or 2 + 7 * config.n_layer + (0 if config.tie_embeddings else 1)
+    with atomic_dir(output_dir) as tmp:
+        writer = ShardedWriter(tmp)
+        for name, tensor in tqdm(tensors, total=total, desc="converting", unit="tensor"):
+            writer.add(name, tensor)
+        writer.close()
+        write_config(tmp, config)
+        finish(tmp)
+    print(f"wrote {output_dir}")
+
+
+def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in choices:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(choices)}")
+    return choices[dtype]
+
+
+def missing_tensor(name: str, where: Path):
+    return UserError(f"{where} has no tensor {name!r}: not a LLaMA checkpoint, or incomplete")
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def hf_config(checkpoint_dir: Path, name: str = "") -> Config:
+    path = checkpoint_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{checkpoint_dir} has no config.json: not a Hugging Face model folder")
+    try:
+        c = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})")
+    if c.get("model_type", "llama") not in ("llama", "mistral"):
+        raise UserError(f"{path}: model_type {c.get('model_type')!r} is not supported, only llama")
+    if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+        raise UserError(f"{path}: rope scaling is not supported")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise UserError(f"{path}: linear biases are not supported")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                           "intermediate_size") if k not in c]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a LLaMA config")
+    n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim") not in (None, n_embd // n_head):
+        raise UserError(f"{path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
+    rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return Config(
+        name=name or checkpoint_dir.name, block_size=c.get("max_position_embeddings", 2048),
+        vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
+        n_query_groups=c.get("num_key_value_heads") or n_head, intermediate_size=c["intermediate_size"],
+        rope_base=float(rope_base), norm_eps=c.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder, lazily: safetensors are memory-mapped and `.bin`
+    files loaded with weights_only and mmap; single file or sharded with an index."""
+    files = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(checkpoint_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"{checkpoint_dir} has no *.safetensors or pytorch_model*.bin weights")
+    for index in checkpoint_dir.glob("*.index.json"):
+        expected = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        absent = sorted(f for f in expected if not (checkpoint_dir / f).is_file())
+        if absent:
+            raise UserError(f"{checkpoint_dir} is incomplete: missing {', '.join(absent)}")
+    weights = {}
+    for f in files:
+        weights.update(load_safetensors(f) if f.suffix == ".safetensors" else torch_load(f))
+    return weights
+
+
+def record_template(tmp: Path, template: Optional[str]) -> None:
+    """Write the chat template's name into the new checkpoint (lit_template.json), if one is given."""
+    if template is not None:
+        from lit_llama.templates import save_template_name
+
+        save_template_name(tmp, template)
+
+
+def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None,
+                          template: Optional[str] = None) -> None:
+    """The chat template travels in tokenizer_config.json / chat_template.jinja; `template` records a
+    built-in one's name instead (for models whose folder has none)."""
+    if template is not None:
+        from lit_llama.templates import check_template_name
+
+        check_template_name(template)
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir} is not a directory")
+    try:
+        config = hf_config(checkpoint_dir)
+    except ValueError as e:  # Config's own consistency checks (heads dividing the width, ...)
+        raise UserError(f"{checkpoint_dir / 'config.json'}: {e}")
+    if not any((checkpoint_dir / t).is_file() for t in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{checkpoint_dir} has no tokenizer.json or tokenizer.model")
+    weights = hf_weights(checkpoint_dir)
+    if not config.tie_embeddings and HF_NAMES["lm_head"] not in weights:
+        config.tie_embeddings = True  # some exports drop lm_head when it equals the embedding
+
+    def get(name):
+        if name not in weights:
+            raise missing_tensor(name, checkpoint_dir)
+        return weights[name]
+
+    tensors = lit_tensors(config, get, HF_NAMES, interleaved_rope=False, dtype=parse_dtype(dtype))
+    write_checkpoint(output_dir, config, tensors,
+                     lambda tmp: (copy_tokenizer_files(checkpoint_dir, tmp), record_template(tmp, template)))
+
+
+# ---------------------------------------------------------------- Meta's original format
+
+
+def meta_config(params: dict, vocab_size: int, name: str, block_size: Optional[int]) -> Config:
+    # params.json has no context length: Llama 2 files (eps 1e-5 or n_kv_heads) had 4096, LLaMA 2048
+    llama2 = params.get("norm_eps") == 1e-5 or "n_kv_heads" in params
+    return Config(
+        name=name, block_size=block_size or (4096 if llama2 else 2048), vocab_size=vocab_size,
+        n_layer=params["n_layers"], n_head=params["n_heads"], n_embd=params["dim"],
+        n_query_groups=params.get("n_kv_heads") or params["n_heads"],
+        multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+        rope_base=float(params.get("rope_theta", 10000.0)), norm_eps=params.get("norm_eps", 1e-6),
+    )
+
+
+def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_path: Optional[Path] = None,
+                            dtype: Optional[str] = None, block_size: Optional[int] = None,
+                            template: Optional[str] = None) -> None:
+    """Meta's folders carry no chat template: `template` records one (lit_template.json); by default a
+    Llama 2 chat folder (its name has "chat", as Meta names them: llama-2-7b-chat) gets "llama-2"."""
+    if template is not None:
+        from lit_llama.templates import check_template_name
+
+        check_template_name(template)
+    checkpoint_dir = Path(checkpoint_dir)
+    params_path = checkpoint_dir / "params.json"
+    if not params_path.is_file():
+        raise UserError(f"{checkpoint_dir} has no params.json: not a Meta LLaMA checkpoint directory")
+    shards = sorted(checkpoint_dir.glob("consolidated.*.pth"))
+    if not shards:
+        raise UserError(f"{checkpoint_dir} has no consolidated.*.pth files")
+    expected = [checkpoint_dir / f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if shards != expected:
+        raise UserError(f"{checkpoint_dir}: model-parallel shards are not numbered 00..{len(shards) - 1:02d}")
+    candidates = [tokenizer_path] if tokenizer_path else [checkpoint_dir / "tokenizer.model", checkpoint_dir.parent / "tokenizer.model"]
+    tokenizer = next((Path(p) for p in candidates if p and Path(p).is_file()), None)
+    if tokenizer is None:
+        raise UserError(f"tokenizer.model not found (looked at {', '.join(map(str, candidates))}); pass --tokenizer_path")
+    try:
+        params = json.loads(params_path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{params_path} is not valid JSON")
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size <= 0:
+        import sentencepiece as spm
+
+        try:
+            vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"{tokenizer} is not a valid sentencepiece model ({str(e).strip()[:200]})")
+    try:
+        config = meta_config(params, vocab_size, checkpoint_dir.name, block_size)
+    except KeyError as e:
+        raise UserError(f"{params_path} lacks the entry {e}")
+    except ValueError as e:  # Config's own consistency checks (heads dividing the width, ...)
+        raise UserError(f"{params_path}: {e}")
+    parts = [torch_load(s) for s in shards]
+
+    def get(name):
+        if any(name not in p for p in parts):
+            raise missing_tensor(name, checkpoint_dir)
+        if len(parts) == 1 or name.endswith("norm.weight"):
+            return parts[0][name]
+        return torch.cat([p[name] for p in parts], dim=1 if any(s in name for s in META_SPLIT_DIM1) else 0)
+
+    def finish(tmp: Path):
+        import shutil
+
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        llama2 = params.get("norm_eps") == 1e-5 or "n_kv_heads" in params
+        record_template(tmp, template or ("llama-2" if llama2 and "chat" in checkpoint_dir.name.lower() else None))
+
+    tensors = lit_tensors(config, get, META_NAMES, interleaved_rope=True, dtype=parse_dtype(dtype))
+    write_checkpoint(output_dir, config, tensors, finish)
