@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # default CUDA build. Override with `make TORCH=torch==2.x.y` or install torch yourself first.
 TORCH ?= torch==2.13.0
 
-.PHONY: install model generate test clean
+.PHONY: install model generate test test-fast clean
 
 # generate needs only the package; the tests add transformers, peft, lm-eval (the references) and
 # llama.cpp, built for this CPU by scripts/install_llama_cpp.sh (minutes, once per machine)
@@ -32,6 +32,14 @@ generate: model
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests -q --reruns 1  # one retry for timing-sensitive subprocess tests
+
+# the core correctness tests (the model, converters, checkpoints, generation, LoRA/adapters, templates
+# against transformers, sentencepiece and the papers' formulas) in a few minutes; `make test` is the whole suite
+FAST_TESTS := tests/test_model_hf.py tests/test_checkpoint.py tests/test_convert_meta.py tests/test_generation.py \
+	tests/test_lora.py tests/test_adapter.py tests/test_prompts.py tests/test_convert_gguf.py tests/test_engine.py \
+	tests/test_chat_data.py tests/test_quantization.py
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(FAST_TESTS) -q -x
 
 clean:
 	rm -rf $(VENV) checkpoints

@@ -6,16 +6,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import uvicorn
 
+from lit_llama.infer.engine import cache_row_bytes
+from lit_llama.infer.load import FinetunedArgs, LoadArgs, load_chat_model
+from lit_llama.infer.speculative import SpeculativeArgs
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.serve.server import Jobs, Server, create_app
+from lit_llama.templates import get_template
 from lit_llama.utils import UserError, run_cli
 
 
 def main(
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
-    lora_path: Optional[Path] = None,
-    adapter_path: Optional[Path] = None,
+    weights: FinetunedArgs = FinetunedArgs(),
     template: Optional[str] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -27,11 +31,8 @@ def main(
     prefix_cache_gb: float = 1.0,
     compile: bool = False,
     default_max_tokens: int = 1024,
-    precision: Optional[str] = None,
-    quantize: Optional[str] = None,
-    prompt_lookup: bool = False,
-    draft_checkpoint_dir: Optional[Path] = None,
-    draft_tokens: int = 5,
+    loading: LoadArgs = LoadArgs(),
+    speculative: SpeculativeArgs = SpeculativeArgs(),
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (with "stream": true as
     server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus), and a web chat page
@@ -41,8 +42,6 @@ def main(
 
     Args:
         checkpoint_dir: the model's checkpoint directory (default: the embedded SmolLM2-135M-Instruct).
-        lora_path: LoRA weights from finetune/lora.py (its --out_dir or the lit_lora.safetensors file).
-        adapter_path: adapter weights from finetune/adapter.py or adapter_v2.py (folder or file).
         template: the chat template (checkpoint, chatml, llama-2, alpaca, vicuna, baize); default: the
             one recorded with the weights, else the checkpoint's own.
         host: the address to listen on; the default answers only this machine.
@@ -62,22 +61,7 @@ def main(
         default_max_tokens: the longest answer of a chat request that sets no max_tokens (OpenAI's
             default is the rest of the context, which makes every such request pay for a KV cache of the
             whole context); 0 for the rest of the context.
-        precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
-        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
-            gptq.int3 for a checkpoint written by quantize/gptq.py.
-        prompt_lookup: speculative decoding with drafts copied from the prompt and the text so far
-            (what followed the last few tokens' latest earlier occurrence): fast when the answer
-            repeats its input. The output is the same as without it.
-        draft_checkpoint_dir: speculative decoding with this smaller model's greedy guesses; it must
-            have the same tokenizer.
-        draft_tokens: the most tokens drafted per step.
     """
-    from lit_llama.infer.chat import load_chat_model
-    from lit_llama.templates import get_template
-    from lit_llama.infer.engine import cache_row_bytes
-    from lit_llama.serve.server import Jobs, Server, create_app
-    from lit_llama.infer.speculative import check_draft_tokens, load_drafter
-
     api_key = api_key or os.environ.get("LIT_LLAMA_API_KEY") or None
     if not 0 <= port < 65536:
         raise UserError(f"--port must be in 0..65535, got {port}")
@@ -91,7 +75,7 @@ def main(
         raise UserError(f"--prefix_cache_gb must be at least 0, got {prefix_cache_gb}")
     if default_max_tokens < 0:
         raise UserError(f"--default_max_tokens must be at least 0, got {default_max_tokens}")
-    check_draft_tokens(draft_tokens)
+    speculative.check()
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading
     # bind first: a port in use is one clear line, before minutes of loading
@@ -102,9 +86,9 @@ def main(
         sock.bind((host, port))
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
-    fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, precision, lora_path, adapter_path,
-                                                            template, quantize=quantize, compile=compile)
-    drafter = load_drafter(prompt_lookup, draft_checkpoint_dir, tokenizer, fabric, precision)
+    fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, loading.precision, template=template,
+                                                            quantize=loading.quantize, compile=compile, **vars(weights))
+    drafter = speculative.drafter(tokenizer, fabric, loading.precision)
     name = model_name or Path(checkpoint_dir).name
     max_seq_length = min(max_seq_length, model.config.block_size)
     row = cache_row_bytes(model, max_seq_length)
@@ -113,12 +97,9 @@ def main(
           f"decoding at once, prefix cache {'on' if prefix_cache_gb > 0 else 'off'}", file=sys.stderr, flush=True)
     jobs = Jobs(model, tokenizer, fmt, fabric.device, max_queue=max_queue, max_batch_size=max_batch_size,
                 max_seq_length=max_seq_length, compile=compile, cache_rows=rows, prefix_cache=prefix_cache_gb > 0,
-                drafter=drafter, draft_tokens=draft_tokens)
+                drafter=drafter, draft_tokens=speculative.draft_tokens)
     server = Server(jobs, name, api_key, default_max_tokens=default_max_tokens or None)
     app = create_app(server)
-
-    import uvicorn
-
     port = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
     print(f"serving {name} (chat template {fmt.template.name}: {source}) at http://{url_host}:{port} "

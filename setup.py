@@ -29,6 +29,8 @@ setup(
     ],
     # serve.py's web chat page
     package_data={"lit_llama.serve": ["static/*.html"]},
+    # `lit-llama generate --prompt ...`: the scripts by name (lit_llama/__main__.py), as `python -m lit_llama`
+    entry_points={"console_scripts": ["lit-llama = lit_llama.__main__:main"]},
     extras_require={
         # openai: the official client against serve.py; fschat: FastChat's conversation templates, the
         # reference for the built-in chat templates; websocket-client: drives headless Chromium (test_web.py)

@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +34,7 @@ def token_windows(n: int, seq_len: int) -> torch.Tensor:
 def ours(batches):
     from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, load_model
     from lit_llama.peft.lora import LoRAConfig, add_lora
-    from lit_llama.train.training import loss_fn
+    from lit_llama.train.loop import loss_fn
 
     model = add_lora(load_model(ROOT / DEFAULT_CHECKPOINT_DIR), LoRAConfig()).train()
     return model, lambda x, y: loss_fn(model(x), y)

@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORK = Path(os.environ.get("LIT_LLAMA_BENCH_DIR", ROOT / "out" / "generation_speed"))  # the exports
 CPU_SYSTEMS = ["lit_llama", "lit_llama_compile", "transformers", "transformers_static_compile",
@@ -137,7 +136,7 @@ class LitRunner:
         from lit_llama.infer.generation import compile_decode_step, decode_step
 
         if spec["model"] == "embedded":
-            from lit_llama.infer.generation import load_for_inference
+            from lit_llama.infer.load import load_for_inference
 
             # what generate.py runs: the same loading (and CPU weight layout)
             _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), "32-true", compile=compile)
@@ -592,7 +591,7 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
     print(table)
     default_run = (prompt_tokens, new_tokens, batch_sizes, repeats, systems) == (512, 256, [1, 8], 3, default_systems)
     if write_docs if write_docs is not None else default_run:
-        from benchmarks.report import write_section
+        from report import write_section  # benchmarks/report.py: this script's folder is first on sys.path
 
         title = "Generation speed (CPU)" if device == "cpu" and model == "embedded" else f"Generation speed ({device}, {model})"
         command = " ".join(["python benchmarks/generation_speed.py"] + sys.argv[1:])

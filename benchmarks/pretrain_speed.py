@@ -6,8 +6,8 @@ One training step = forward, float32 cross-entropy over the logits, backward, Ad
 default implementation), zero_grad. Each system is built fresh in every round, warmed up, then timed
 over --steps steps; the rounds interleave the systems so that a noisy (shared) machine slows all of
 them alike, and the table gives the median and the spread over rounds. With a GPU whose peak FLOP/s
-lit_llama.train.training knows (A100, H100, H200, L4), it adds the MFU: model FLOPs per token
-(lit_llama.train.training.flops_per_token, PaLM's count) x tokens/s / peak.
+lit_llama.train.loop knows (A100, H100, H200, L4), it adds the MFU: model FLOPs per token
+(lit_llama.train.loop.flops_per_token, PaLM's count) x tokens/s / peak.
 
     python benchmarks/pretrain_speed.py                          # CPU: a small LLaMA, fp32
     python benchmarks/pretrain_speed.py --preset 1b --device cuda --precision bf16-true   # ~1.1B
@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +134,7 @@ def main(preset: str = "small", device: str = "cpu", precision: str = "32-true",
         compile: torch.compile each model.
         threads: torch CPU threads (default: torch's).
     """
-    from lit_llama.train.training import flops_per_token, peak_flops
+    from lit_llama.train.loop import flops_per_token, peak_flops
 
     if threads:
         torch.set_num_threads(threads)

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files
 
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # label, quantize/gptq.py arguments (None: no checkpoint of its own), --quantize to load it with.
 # The first GPTQ row is quantize/gptq.py's default (act-order, embedding / head at 6 bits).
@@ -244,7 +243,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
     text += "\n\n" + "\n".join(f"- {line}" for line in targets(rows, fp16_total))
     print(text)
     if write_docs:
-        from benchmarks.report import write_section
+        from report import write_section  # benchmarks/report.py: this script's folder is first on sys.path
 
         command = " ".join(["python benchmarks/quantization.py", *sys.argv[1:]])
         write_section("Quantization", text, command)

@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.utils import UserError, run_cli
 
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.utils import UserError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TOPICS = ["the sea", "mountains", "a small town", "the moon", "bread", "trains", "music", "a garden", "winter",
           "bees", "the desert", "a library", "rain", "bicycles", "coffee", "owls"]
@@ -268,7 +267,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, max_tokens: int = 32, re
     text = "\n".join(table) + "\n\n" + "\n".join(ratios) + note + "".join(f"\n- {g}" for g in goals)
     print(text)
     if write:
-        from benchmarks.report import write_section
+        from report import write_section  # benchmarks/report.py: this script's folder is first on sys.path
 
         cmd = "python benchmarks/serve_load.py" + "".join(f" --{k} {v!r}" for k, v in
                                                           (("threads", threads), ("servers", servers)) if v)

@@ -20,16 +20,15 @@ from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.infer.engine import Engine, Request, SamplingParams
+from lit_llama.infer.load import load_for_inference
+from lit_llama.quant.gptq import rtn
+from lit_llama.model import LLaMA
+from lit_llama.infer.speculative import DraftModel, PromptLookup
+from lit_llama.utils import run_cli
 
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.infer.engine import Engine, Request, SamplingParams  # noqa: E402
-from lit_llama.infer.generation import load_for_inference  # noqa: E402
-from lit_llama.quant.gptq import rtn  # noqa: E402
-from lit_llama.model import LLaMA  # noqa: E402
-from lit_llama.infer.speculative import DraftModel, PromptLookup  # noqa: E402
-from lit_llama.utils import run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CODE = '''def mean_and_spread(values):
     total = 0.0
@@ -176,7 +175,7 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, new_tokens: int = 200, d
     text = "\n".join(table) + note + "\n" + "\n".join(lines)
     print(text)
     if write:
-        from benchmarks.report import write_section
+        from report import write_section  # benchmarks/report.py: this script's folder is first on sys.path
 
         cmd = "python benchmarks/speculative.py" + (f" --threads {threads}" if threads != 2 else "")
         write_section("Speculative decoding (SmolLM2-135M-Instruct)", text, cmd)

@@ -1,50 +1,10 @@
-"""Perplexity of a checkpoint, or of finetune/full.py's weights on it, on a text."""
+"""Lit-LLaMA's evaluate/full.py: evaluate/perplexity.py (a checkpoint, or with --finetuned_path
+finetune/full.py's weights on it)."""
 
-import sys
-from pathlib import Path
-from typing import Optional
+from lit_llama.eval.perplexity import perplexity_main
+from lit_llama.utils import run_cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.infer.generation import finetuned_source  # noqa: E402
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.eval.perplexity import evaluate_checkpoint  # noqa: E402
-from lit_llama.utils import run_cli  # noqa: E402
-
-
-def main(
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
-    finetuned_path: Optional[Path] = None,
-    text_file: Optional[Path] = None,
-    dataset: Optional[str] = None,
-    seqlen: Optional[int] = None,
-    max_windows: Optional[int] = None,
-    quantize: Optional[str] = None,
-    precision: Optional[str] = None,
-) -> None:
-    """Perplexity of a model over non-overlapping context-length windows of a text.
-
-    The last line printed is `perplexity: <number>`; progress, speed and memory go to stderr.
-
-    Args:
-        checkpoint_dir: the checkpoint directory (a float one, or one written by quantize/gptq.py).
-        finetuned_path: finetune/full.py's --out_dir, its final/ directory or a weights file, loaded
-            onto checkpoint_dir; with gptq.* the finetuned model quantized by quantize/gptq.py.
-        text_file: a UTF-8 text to evaluate on.
-        dataset: wikitext2 (the default without --text_file), ptb or c4: the standard test sets,
-            downloaded with Hugging Face `datasets` (needs the network and the `eval` extra).
-        seqlen: tokens per window (default: the model's context, at most 2048 as in the GPTQ paper).
-        max_windows: score only the first this many windows (a quick estimate).
-        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
-            gptq.int3 for a checkpoint written by quantize/gptq.py.
-        precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
-    """
-    wrap = None
-    if finetuned_path is not None:
-        checkpoint_dir, wrap = finetuned_source(checkpoint_dir, finetuned_path, quantize)
-    evaluate_checkpoint(checkpoint_dir, wrap, quantize=quantize, precision=precision, text_file=text_file,
-                        dataset=dataset, seqlen=seqlen, max_windows=max_windows)
-
+main = perplexity_main()
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,14 +1,12 @@
 """Tasks of EleutherAI's lm-evaluation-harness on a lit_llama checkpoint (zero-shot by default)."""
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.utils import run_cli  # noqa: E402
+from lit_llama.infer.load import LoadArgs
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.utils import run_cli
 
 # the common-sense reasoning benchmarks of the LLaMA paper's Table 3
 LLAMA_TASKS = "boolq,piqa,social_iqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
@@ -21,8 +19,7 @@ def main(
     limit: Optional[int] = None,
     include_path: Optional[Path] = None,
     output_path: Optional[Path] = None,
-    quantize: Optional[str] = None,
-    precision: Optional[str] = None,
+    loading: LoadArgs = LoadArgs(),
 ) -> None:
     """Run lm-eval tasks against the checkpoint through lit_llama's model adapter (no conversion);
     the harness downloads each task's data from the Hugging Face hub the first time.
@@ -34,15 +31,15 @@ def main(
         limit: evaluate only the first this many documents of each task (a quick estimate).
         include_path: a folder of your own task YAML files.
         output_path: also write the results as JSON there.
-        quantize: llm.int8, or gptq.int4 / gptq.int3 for a checkpoint written by quantize/gptq.py.
-        precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
     """
+    # lm_eval is the optional `eval` extra: imported here, so that --help works without it and its
+    # absence is one line (lit_llama.eval.harness says how to install it)
     from lit_llama.eval.harness import LitLLaMALM, load_tasks, run_tasks
     from lm_eval.utils import make_table
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     manager = load_tasks(names, str(include_path) if include_path else None)
-    lm = LitLLaMALM(str(checkpoint_dir), quantize=quantize, precision=precision)
+    lm = LitLLaMALM(str(checkpoint_dir), quantize=loading.quantize, precision=loading.precision)
     results = run_tasks(lm, names, manager, num_fewshot, limit)
 
     print(make_table(results))

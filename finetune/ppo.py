@@ -3,16 +3,19 @@ raise a reward model's score, held near the SFT'd model by a KL penalty (the sam
 the LoRA branch switched off). The math is in lit_llama/align/ppo.py."""
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.utils import UserError, run_cli
+from lit_llama.align.ppo import PolicyWithValueHead, PPOConfig, load_prompts, save_value_head, train
+from lit_llama.align.reward import load_reward_model, score
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, load_config, load_model, validate_checkpoint_dir
+from lit_llama.peft.lora import add_lora, save_lora
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.train.flags import LoRAArgs
+from lit_llama.train.state import check_resume
+from lit_llama.utils import UserError, make_fabric, run_cli
 
 
 def main(
@@ -42,16 +45,10 @@ def main(
     max_prompt_length: int = 512,
     stop_at_eos: bool = True,
     reward_baseline: float = 0.0,
-    lora_r: int = 16,
-    lora_alpha: float = 32,
-    lora_dropout: float = 0.05,
-    lora_query: bool = True,
-    lora_key: bool = False,
-    lora_value: bool = True,
-    lora_projection: bool = False,
-    lora_mlp: bool = False,
+    lora: LoRAArgs = LoRAArgs(lora_r=16, lora_alpha=32),
     log_interval: int = 1,
     save_interval: int = 100,
+    resume: bool = False,
     seed: int = 1337,
 ) -> None:
     """Optimize LoRA weights with PPO against a reward model (defaults: StackLLaMA's run through
@@ -89,39 +86,26 @@ def main(
         stop_at_eos: end a response at the tokenizer's end-of-text token (false: always max_new_tokens,
             as StackLLaMA, which samples lengths instead).
         reward_baseline: subtracted from every reward model score.
-        lora_r: rank of the low-rank update.
-        lora_alpha: the update is scaled by alpha / r.
-        lora_dropout: dropout on the LoRA branch's input (off while sampling and scoring).
-        lora_query: adapt the query projection.
-        lora_key: adapt the key projection.
-        lora_value: adapt the value projection.
-        lora_projection: adapt the attention output projection.
-        lora_mlp: adapt the three MLP matrices.
+        lora: the LoRA flags (--lora_r, --lora_alpha, ...).
         log_interval: PPO steps between progress lines.
-        save_interval: PPO steps between saves of the LoRA and value head (and at the end).
+        save_interval: PPO steps between saves of the LoRA, the value head and the training state
+            (step-*.ckpt, for --resume), and at the end.
+        resume: continue from the last step-*.ckpt in out_dir (weights, optimizer, step, beta,
+            prompt order and random state) as if the run had not stopped.
         seed: random seed (prompt order, sampling, initialisation).
     """
-    from lit_llama.io.checkpoint import load_config, load_model, validate_checkpoint_dir
-    from lit_llama.peft.lora import LoRAConfig, add_lora, save_lora
-    from lit_llama.align.ppo import PolicyWithValueHead, PPOConfig, load_prompts, save_value_head, train
-    from lit_llama.align.reward import load_reward_model, score
-    from lit_llama.tokenizer import Tokenizer
-    from lit_llama.utils import make_fabric
-
     config = PPOConfig(batch_size=batch_size, mini_batch_size=mini_batch_size, ppo_epochs=ppo_epochs,
                        learning_rate=learning_rate, warmup_steps=warmup_steps, max_grad_norm=grad_clip,
                        gamma=gamma, lam=lam, cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef,
                        init_kl_coef=init_kl_coef, adaptive_kl=adaptive_kl, target_kl=target_kl, kl_horizon=kl_horizon,
                        max_new_tokens=max_new_tokens, reward_baseline=reward_baseline)
     config.check()
-    if steps < 1 or log_interval < 1 or save_interval < 0 or lora_r < 1 or max_prompt_length < 1:
-        raise UserError("--steps, --log_interval, --lora_r and --max_prompt_length must be at least 1, "
+    if steps < 1 or log_interval < 1 or save_interval < 0 or max_prompt_length < 1:
+        raise UserError("--steps, --log_interval and --max_prompt_length must be at least 1, "
                         "--save_interval at least 0")
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
-                             value=lora_value, projection=lora_projection, mlp=lora_mlp)
-    if not (lora_query or lora_key or lora_value or lora_projection or lora_mlp):
-        raise UserError("LoRA adapts nothing: enable at least one of --lora_query, --lora_key, --lora_value, "
-                        "--lora_projection, --lora_mlp")
+    lora_config = lora.config()
+    out_dir = Path(out_dir)
+    check_resume(out_dir, resume)
 
     # everything the user named is checked before any weight is read or anything written
     validate_checkpoint_dir(checkpoint_dir)
@@ -156,8 +140,6 @@ def main(
         samples[:] = [(texts[0], answers[0])]
         return score(reward_model, reward_tokenizer, texts)
 
-    out_dir = Path(out_dir)
-
     def on_save(step, kl_ctl):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_lora(model, out_dir)
@@ -169,7 +151,7 @@ def main(
 
     history = train(policy, optimizer, [ids for _, ids in prompts], reward_fn, config, steps, stop_ids=stop_ids,
                     pad_id=tokenizer.eos_id or 0, fabric=fabric, log_interval=log_interval,
-                    save_interval=save_interval, on_save=on_save, log=fabric.print)
+                    save_interval=save_interval, on_save=on_save, log=fabric.print, out_dir=out_dir, resume=resume)
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     fabric.print(f"mean score {mean(first, 'score'):.3f} (first {len(first)} steps) -> {mean(last, 'score'):.3f} "

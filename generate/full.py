@@ -1,53 +1,13 @@
-"""Answer an instruction with a base model plus the weights of finetune/full.py."""
+"""Lit-LLaMA's generate/full.py: generate/finetuned.py with --finetuned_path out/full/alpaca by default
+(the weights of finetune/full.py)."""
 
-import sys
 from pathlib import Path
-from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.infer.generation import answer_instruction, finetuned_source
+from lit_llama.infer.cli import instruction_main
+from lit_llama.infer.load import FinetunedArgs
 from lit_llama.utils import run_cli
 
-
-def main(
-    prompt: str = "What food do llamas eat?",
-    input: str = "",
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
-    finetuned_path: Path = Path("out/full/alpaca"),
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    top_p: float = 1.0,
-    seed: int = 1234,
-    precision: Optional[str] = None,
-    compile: bool = False,
-    quantize: Optional[str] = None,
-) -> None:
-    """Generate a response to an instruction, in the Alpaca template used for finetuning.
-
-    Args:
-        prompt: the instruction.
-        input: optional context for the instruction (the template's "Input" section).
-        checkpoint_dir: the base model that was finetuned (its config and tokenizer).
-        finetuned_path: finetune/full.py's --out_dir, its final/ checkpoint directory, or a weights file;
-            with gptq.* the finetuned model quantized by quantize/gptq.py.
-        max_new_tokens: the most tokens to generate (generation also stops at EOS).
-        temperature: sampling temperature; 0 means greedy decoding.
-        top_k: sample only among the k most likely tokens (none: all).
-        top_p: sample only among the most likely tokens whose probabilities sum to top_p.
-        seed: random seed for sampling.
-        precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
-        compile: compile the decode step with torch.compile.
-        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
-            gptq.int3 for a checkpoint written by quantize/gptq.py.
-    """
-    checkpoint_dir, wrap = finetuned_source(checkpoint_dir, finetuned_path, quantize)
-    answer_instruction(checkpoint_dir, prompt, input, wrap,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, precision=precision, compile=compile, quantize=quantize)
-
+main = instruction_main(FinetunedArgs(finetuned_path=Path("out/full/alpaca")))
 
 if __name__ == "__main__":
     run_cli(main)

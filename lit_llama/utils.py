@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import typing
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -150,3 +151,10 @@ def make_fabric(precision: str = None, devices=1, **kwargs):
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS[:6])}")
     return L.Fabric(devices=devices, precision=precision, **kwargs)
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for progress lines: 00:01:05, 1d 01:01:01."""
+    days, rest = divmod(int(seconds), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {clock}" if days else clock

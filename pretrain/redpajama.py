@@ -1,12 +1,10 @@
 """Pretrain a LLaMA from scratch on RedPajama (or any packed data) with the LLaMA paper's recipe."""
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.train.training import TrainArgs, pretrain
+from lit_llama.train.loop import TrainArgs
+from lit_llama.train.setup import pretrain
 from lit_llama.utils import run_cli
 
 
@@ -20,20 +18,7 @@ def main(
     devices: int = 1,
     num_nodes: int = 1,
     precision: Optional[str] = None,
-    max_iters: int = 238_419,
-    global_batch_size: int = 2048,
-    micro_batch_size: int = 4,
-    learning_rate: float = 3e-4,
-    min_lr_ratio: float = 0.1,
-    warmup_iters: int = 2000,
-    weight_decay: float = 0.1,
-    beta1: float = 0.9,
-    beta2: float = 0.95,
-    grad_clip: float = 1.0,
-    eval_interval: int = 1000,
-    eval_iters: int = 100,
-    save_interval: int = 1000,
-    log_interval: int = 1,
+    train: TrainArgs = TrainArgs(max_iters=238_419, global_batch_size=2048, learning_rate=3e-4, warmup_iters=2000, weight_decay=0.1, eval_interval=1000, eval_iters=100, save_interval=1000),
     keep_last: int = 2,
     activation_checkpointing: bool = True,
     num_workers: int = 2,
@@ -56,33 +41,14 @@ def main(
         devices: devices per node (GPUs, or CPU processes); more than one in all: FSDP.
         num_nodes: machines; each runs this same command (see docs/pretraining.md).
         precision: a Fabric precision (default bf16-mixed on GPUs that support it, 32-true on CPU).
-        max_iters: optimizer steps.
-        global_batch_size: sequences per optimizer step over all devices (gradient accumulation).
-        micro_batch_size: sequences per forward pass per device.
-        learning_rate: peak learning rate.
-        min_lr_ratio: the cosine decay ends at this fraction of the peak.
-        warmup_iters: steps of linear warmup.
-        weight_decay: AdamW weight decay.
-        beta1: AdamW beta1.
-        beta2: AdamW beta2.
-        grad_clip: clip the gradient norm to this (0: no clipping).
-        eval_interval: steps between validation losses.
-        eval_iters: validation batches per evaluation.
-        save_interval: steps between checkpoints.
-        log_interval: steps between progress lines.
         keep_last: checkpoints kept (older ones are deleted; 0 keeps all).
         activation_checkpointing: recompute activations in backward to save memory.
         num_workers: data-loader processes per device.
         resume: continue from the last checkpoint in out_dir: weights, optimizer, step, data position.
         seed: random seed (initialisation, data order).
     """
-    args = TrainArgs(learning_rate=learning_rate, min_lr_ratio=min_lr_ratio, warmup_iters=warmup_iters,
-                     max_iters=max_iters, weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_clip=grad_clip,
-                     global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                     eval_interval=eval_interval, eval_iters=eval_iters, save_interval=save_interval,
-                     log_interval=log_interval)
     pretrain(train_data_dir=train_data_dir, val_data_dir=val_data_dir, out_dir=out_dir, model_name=model_name,
-             tokenizer_dir=tokenizer_dir, args=args, block_size=block_size, devices=devices, num_nodes=num_nodes,
+             tokenizer_dir=tokenizer_dir, args=train, block_size=block_size, devices=devices, num_nodes=num_nodes,
              precision=precision, resume=resume, seed=seed, activation_checkpointing=activation_checkpointing,
              num_workers=num_workers, keep_last=keep_last)
 

@@ -2,14 +2,15 @@
 Python: no download), then sample from it."""
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pydoc_data.topics import topics
 
-from lit_llama.train.training import TrainArgs, pretrain
+from lit_llama.data.packed import prepare_text_folder, train_tokenizer
+from lit_llama.train.loop import TrainArgs
+from lit_llama.train.setup import pretrain
 from lit_llama.utils import UserError, run_cli
 
 DATA_DIR = Path("data/pydoc")  # tokenizer/ and packed/{train,val} are made here on first use
@@ -19,10 +20,6 @@ def prepare_pydoc(tokenizer_dir: Path, block_size: int) -> None:
     """The ~80 help topics of pydoc_data (the language reference, 0.5 MB of text) as documents, and,
     unless given, a 1,024-token BPE tokenizer learned from them (small, so that the tiny model's
     time is not spent in a 50k-wide output layer)."""
-    from pydoc_data.topics import topics
-
-    from lit_llama.data.packed import prepare_text_folder, train_tokenizer
-
     texts = [topics[name] for name in sorted(topics)]
     if not Path(tokenizer_dir).exists():
         train_tokenizer(texts, tokenizer_dir, vocab_size=1024)
@@ -42,16 +39,7 @@ def main(
     devices: int = 1,
     num_nodes: int = 1,
     precision: Optional[str] = None,
-    max_iters: int = 600,
-    global_batch_size: int = 16,
-    micro_batch_size: int = 8,
-    learning_rate: float = 3e-3,
-    warmup_iters: int = 30,
-    weight_decay: float = 0.1,
-    eval_interval: int = 100,
-    eval_iters: int = 2,
-    save_interval: int = 100,
-    log_interval: int = 10,
+    train: TrainArgs = TrainArgs(max_iters=600, global_batch_size=16, micro_batch_size=8, learning_rate=3e-3, warmup_iters=30, weight_decay=0.1, eval_iters=2, save_interval=100, log_interval=10),
     keep_last: int = 2,
     activation_checkpointing: bool = False,
     num_workers: int = 2,
@@ -73,16 +61,6 @@ def main(
         devices: devices per node (GPUs, or CPU processes); more than one in all: FSDP.
         num_nodes: machines, each running this same command.
         precision: a Fabric precision (default bf16-mixed on GPUs that support it, 32-true on CPU).
-        max_iters: optimizer steps.
-        global_batch_size: sequences per optimizer step over all devices.
-        micro_batch_size: sequences per forward pass per device.
-        learning_rate: peak learning rate (warmup, then cosine to 10%).
-        warmup_iters: steps of linear warmup.
-        weight_decay: AdamW weight decay.
-        eval_interval: steps between validation losses and samples.
-        eval_iters: validation batches per evaluation.
-        save_interval: steps between checkpoints.
-        log_interval: steps between progress lines.
         keep_last: checkpoints kept (0: all).
         activation_checkpointing: recompute activations in backward to save memory.
         num_workers: data-loader processes per device.
@@ -97,12 +75,8 @@ def main(
             prepare_pydoc(tokenizer_dir, block_size)
     elif tokenizer_dir is None:
         raise UserError("--tokenizer_dir is needed with --train_data_dir: the tokenizer the data was prepared with")
-    args = TrainArgs(learning_rate=learning_rate, warmup_iters=warmup_iters, max_iters=max_iters,
-                     weight_decay=weight_decay, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                     eval_interval=eval_interval, eval_iters=eval_iters, save_interval=save_interval,
-                     log_interval=log_interval)
     pretrain(train_data_dir=train_data_dir, val_data_dir=val_data_dir, out_dir=out_dir, model_name=model_name,
-             tokenizer_dir=tokenizer_dir, args=args, block_size=block_size, devices=devices, num_nodes=num_nodes,
+             tokenizer_dir=tokenizer_dir, args=train, block_size=block_size, devices=devices, num_nodes=num_nodes,
              precision=precision, resume=resume, seed=seed, activation_checkpointing=activation_checkpointing,
              num_workers=num_workers, keep_last=keep_last, sample_prompt=prompt)
 

@@ -1,15 +1,11 @@
 """Quantize a checkpoint's linear layers to packed 4-bit or 3-bit integers with GPTQ (or RTN)."""
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-# run from a fresh clone without installing the package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_llama.quant.gptq import DEFAULT_SINK_SHARE, GPTQSettings, quantize_checkpoint  # noqa: E402
-from lit_llama.utils import run_cli  # noqa: E402
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.quant.gptq import DEFAULT_SINK_SHARE, GPTQSettings, quantize_checkpoint
+from lit_llama.utils import run_cli
 
 
 def main(

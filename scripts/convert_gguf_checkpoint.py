@@ -1,10 +1,8 @@
 """Convert a GGUF file (llama.cpp, `llama` architecture) into a lit_llama checkpoint directory."""
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.gguf import convert_gguf_checkpoint
 from lit_llama.utils import run_cli

@@ -1,14 +1,10 @@
 """Convert a Hugging Face LLaMA-architecture model folder to a checkpoint dir."""
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-# run from a fresh clone without installing the package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.io.convert import convert_hf_checkpoint  # noqa: E402
-from lit_llama.utils import run_cli  # noqa: E402
+from lit_llama.io.convert import convert_hf_checkpoint
+from lit_llama.utils import run_cli
 
 
 def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[str] = None, template: Optional[str] = None) -> None:

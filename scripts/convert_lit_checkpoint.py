@@ -4,11 +4,9 @@
     python scripts/convert_lit_checkpoint.py --checkpoint_dir D --to hf --output_path OUT_DIR
 """
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.export import export_checkpoint
 from lit_llama.utils import run_cli

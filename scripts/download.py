@@ -1,14 +1,10 @@
 """Download a LLaMA-architecture model from the Hugging Face hub and convert it."""
 
-import sys
 from pathlib import Path
 from typing import Optional
 
-# run from a fresh clone without installing the package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.io.download import download_hf  # noqa: E402
-from lit_llama.utils import run_cli  # noqa: E402
+from lit_llama.io.download import download_hf
+from lit_llama.utils import run_cli
 
 
 def main(repo_id: str, output_dir: Optional[Path] = None, download_dir: Optional[Path] = None,

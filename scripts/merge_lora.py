@@ -1,15 +1,11 @@
 """Merge a LoRA into its base model and write an ordinary checkpoint directory."""
 
-import sys
 from pathlib import Path
 
-# run from a fresh clone without installing the package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_llama.io.checkpoint import load_model, save_checkpoint  # noqa: E402
-from lit_llama.peft.lora import load_lora, merge_lora  # noqa: E402
-from lit_llama.templates import recorded_template_name, save_template_name  # noqa: E402
-from lit_llama.utils import run_cli  # noqa: E402
+from lit_llama.io.checkpoint import load_model, save_checkpoint
+from lit_llama.peft.lora import load_lora, merge_lora
+from lit_llama.templates import recorded_template_name, save_template_name
+from lit_llama.utils import run_cli
 
 
 def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:

@@ -1,10 +1,7 @@
 """Prepare instruction data (the cleaned Alpaca set, or any Alpaca-style JSON/JSONL) for finetuning."""
 
-import sys
 from pathlib import Path
 from typing import Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.data.instruction import prepare_source

@@ -7,10 +7,7 @@ assistant's turns only:
     python chat.py --lora_path out/lora/chat                         # uses the template recorded here
 """
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import run_cli
@@ -22,7 +19,7 @@ def main(
     destination_path: Path = Path("data/chat"),
     template: str = "baize",
     max_seq_length: int = 512,
-    val_split_fraction: float = 0.04,
+    val_fraction: float = 0.04,
     seed: int = 42,
 ) -> None:
     """Render each dialogue with a chat template and tokenise it; every token of the system text, the
@@ -40,7 +37,7 @@ def main(
         template: the chat template: baize (Baize's [|Human|]/[|AI|], default), chatml, llama-2, alpaca,
             vicuna, or checkpoint (the checkpoint's own Jinja template).
         max_seq_length: a longer dialogue keeps the leading exchanges that fit (Baize: 512).
-        val_split_fraction: fraction of dialogues held out for validation.
+        val_fraction: fraction of dialogues held out for validation.
         seed: seed of the shuffle before the split.
     """
     from lit_llama.data.chat import prepare_chat_data, read_dialogues
@@ -50,7 +47,7 @@ def main(
     check_template_name(template)
     validate_checkpoint_dir(checkpoint_dir)
     prepare_chat_data(read_dialogues(data_file_path), checkpoint_dir, destination_path, template, max_seq_length,
-                      val_split_fraction, seed)
+                      val_fraction, seed)
 
 
 if __name__ == "__main__":

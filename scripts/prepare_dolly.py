@@ -1,10 +1,7 @@
 """Prepare the Dolly-15k instruction data (JSONL: instruction, context, response) for finetuning."""
 
-import sys
 from pathlib import Path
 from typing import Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.data.instruction import prepare_source

@@ -1,10 +1,7 @@
 """Prepare preference pairs (prompt, chosen, rejected) for the reward model and DPO."""
 
-import sys
 from pathlib import Path
 from typing import Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.align.preference import prepare_preferences
@@ -17,7 +14,7 @@ def main(
     destination_path: Path = Path("data/prefs"),
     url: Optional[str] = None,
     max_seq_length: int = 512,
-    val_split_fraction: float = 0.05,
+    val_fraction: float = 0.05,
     seed: int = 42,
 ) -> None:
     """Tokenise preference pairs with the checkpoint's tokenizer into train.pt, val.pt and meta.json.
@@ -35,11 +32,11 @@ def main(
             e.g. https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz
         max_seq_length: each prompt + answer is cut to this many tokens (the prompt's start goes
             first, down to half of it, then the answer's end).
-        val_split_fraction: fraction of pairs held out for validation.
+        val_fraction: fraction of pairs held out for validation.
         seed: seed of the shuffle before the split.
     """
     prepare_preferences(checkpoint_dir, destination_path, data_file_path, url, max_seq_length,
-                        val_split_fraction, seed)
+                        val_fraction, seed)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,7 @@
 """Tokenise RedPajama (or any folder of JSONL sources) into packed shards mixed by LLaMA's weights."""
 
-import sys
 from pathlib import Path
 from typing import Dict, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.data.packed import prepare_mix
 from lit_llama.utils import run_cli

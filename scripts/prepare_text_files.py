@@ -1,10 +1,7 @@
 """Tokenise a folder of .txt / .jsonl files into packed shards for pretraining."""
 
-import sys
 from pathlib import Path
 from typing import Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.data.packed import prepare_text_folder

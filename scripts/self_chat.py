@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import UserError, run_cli
@@ -95,14 +94,13 @@ def main(
 
 def load(checkpoint_dir: Path, template: Optional[str], lora_path: Optional[Path], precision: Optional[str]):
     """(fabric, model, tokenizer, ChatFormat or None for "none")."""
-    from lit_llama.infer.chat import finetuned_wrap, load_chat_model
-    from lit_llama.infer.generation import load_for_inference
+    from lit_llama.infer.load import load_chat_model, load_for_inference
     from lit_llama.templates import get_template
 
     if template == "none":
         if lora_path is not None and not Path(lora_path).exists():
             raise UserError(f"{lora_path} does not exist")
-        fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, finetuned_wrap(lora_path))
+        fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, lora_path=lora_path)
         return fabric, model, tokenizer, None
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.utils import UserError, run_cli
@@ -88,7 +87,7 @@ def main(
 def run(prompts, output_path, checkpoint_dir, lora_path, template, reward_path, reward_checkpoint_dir, reward_format,
         num_samples, max_new_tokens, temperature, top_k, top_p, seed, keep_samples, precision, scorer=None):
     """Load the models and distil. `scorer(texts) -> scores` replaces the reward model (tests)."""
-    from lit_llama.infer.chat import load_chat_model
+    from lit_llama.infer.load import load_chat_model
     from lit_llama.templates import get_template
     from lit_llama.align.self_chat import reward_texts, run_self_distill, sample_answers
 

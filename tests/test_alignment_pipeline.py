@@ -53,7 +53,7 @@ def test_sft_reward_model_ppo_pipeline(tmp_path, tiny_ckpt):
              "rejected": f"{WORDS[(i + 1) % len(WORDS)]} no"} for i, w in enumerate(WORDS)]
     (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     r = run_script("scripts/prepare_preferences.py", "--checkpoint_dir", sft, "--data_file_path",
-                   tmp_path / "prefs.jsonl", "--destination_path", tmp_path / "prefs", "--val_split_fraction", "0")
+                   tmp_path / "prefs.jsonl", "--destination_path", tmp_path / "prefs", "--val_fraction", "0")
     _ok(r, tmp_path / "prefs" / "train.pt")
 
     # 3. the reward model, LoRA and a scalar head on the SFT'd model

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from lit_llama.infer.chat import ChatSession, finetuned_wrap
+from lit_llama.infer.chat import ChatSession
+from lit_llama.infer.load import finetuned_wrap
 from lit_llama.templates import ChatFormat, get_template, save_template_name
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
@@ -190,7 +191,7 @@ def test_bad_flags_are_one_clear_line(args, message, default_checkpoint, capsys)
 def test_the_next_turn_prefills_only_its_new_tokens(default_checkpoint):
     """Turn 2 takes turn 1's keys and values from the session's cache row; its answer equals that of
     a fresh session given the same history, which computes the whole prompt."""
-    from lit_llama.infer.generation import load_for_inference
+    from lit_llama.infer.load import load_for_inference
 
     _, model, tok = load_for_inference(default_checkpoint, "32-true")
     fmt = ChatFormat(get_template("checkpoint", tok), tok)

@@ -193,7 +193,7 @@ def chat_data(tmp_path_factory, tiny_ckpt):
     (tmp / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp / "data"
     r = run_script("scripts/prepare_chat.py", "--checkpoint_dir", tiny_ckpt, "--data_file_path", tmp / "d.jsonl",
-                   "--destination_path", out, "--max_seq_length", "256", "--val_split_fraction", "0.25")
+                   "--destination_path", out, "--max_seq_length", "256", "--val_fraction", "0.25")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -233,4 +233,4 @@ def test_lora_on_all_linear_layers_trains_on_it(chat_data, tiny_ckpt, tmp_path):
 
 def test_help():
     r = run_script("scripts/prepare_chat.py", "--help")
-    assert r.returncode == 0 and "--template" in r.stdout and "--val_split_fraction" in r.stdout
+    assert r.returncode == 0 and "--template" in r.stdout and "--val_fraction" in r.stdout

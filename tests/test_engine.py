@@ -21,7 +21,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a h
 
 @pytest.fixture(scope="module")
 def model(default_checkpoint):
-    from lit_llama.infer.generation import load_for_inference
+    from lit_llama.infer.load import load_for_inference
 
     _, model, tokenizer = load_for_inference(default_checkpoint, "32-true")
     return model, tokenizer

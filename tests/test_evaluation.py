@@ -61,7 +61,7 @@ _expected = {}
 
 def expected_perplexity(checkpoint, text: Path, kind=None, files=None, quantize=None) -> float:
     """The library's perplexity for a configuration, computed once per test session."""
-    from lit_llama.infer.generation import load_for_inference
+    from lit_llama.infer.load import load_for_inference
 
     key = (str(checkpoint), kind, quantize)
     if key not in _expected:

@@ -11,7 +11,7 @@ from conftest import run_script
 from quant_helpers import assert_one_error_line, calibration_file, run_main, tiny_checkpoint
 from lit_llama.quant.gptq import (DEFAULT_SINK_SHARE, GPTQSettings, Hessian, calibration_inputs, calibration_tokens, gptq,
                             minmax_params, quantize_block, quantize_checkpoint, rtn, sample_windows, sink_weights)
-from lit_llama.quant.quantization import PackedEmbedding, PackedLinear, load_packed_model
+from lit_llama.quant.packed import PackedEmbedding, PackedLinear, load_packed_model
 from lit_llama.tokenizer import Tokenizer
 
 

@@ -214,7 +214,7 @@ def test_qlora_forward_frozen_weights_and_training(mode):
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
 
-    from lit_llama.quant.quantization import quantize_linears
+    from lit_llama.quant.bnb import quantize_linears
 
     base = tiny("tiny")  # untied: has an lm_head
     x = tokens()
@@ -241,7 +241,7 @@ def test_qlora_merge_dequantizes_and_keeps_the_logits():
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
 
-    from lit_llama.quant.quantization import quantize_linears
+    from lit_llama.quant.bnb import quantize_linears
 
     model = randomize(add_lora(quantize_linears(tiny(), "nf4"), LoRAConfig()))
     x = tokens()
@@ -264,7 +264,8 @@ def test_4bit_layer_keeps_the_generic_cpu_path(shape):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbF
 
-    from lit_llama.quant.quantization import dequantize_weight, quantize_linears
+    from lit_llama.quant.bnb import quantize_linears
+    from lit_llama.quant.quantization import dequantize_weight
 
     torch.manual_seed(0)
     out_features, in_features = shape
@@ -288,7 +289,7 @@ def test_4bit_layer_keeps_the_generic_cpu_path(shape):
 
 
 def test_quantize_rejects_unknown_modes():
-    from lit_llama.quant.quantization import quantize_linears
+    from lit_llama.quant.bnb import quantize_linears
     from lit_llama.utils import UserError
 
     with pytest.raises(UserError, match="unknown quantization mode 'int3'"):

@@ -420,3 +420,56 @@ def test_prompt_files_in_every_form(tmp_path):
     (tmp_path / "blank.jsonl").write_text("\n\n")
     with pytest.raises(UserError, match="holds no prompts"):
         read_prompt_texts(tmp_path / "blank.jsonl")
+
+
+# ---------------------------------------------------------------- resume
+
+
+class _Killed(Exception):
+    pass
+
+
+def _ppo_run(out_dir, resume=False, die_at=None):
+    """A 4-step PPO run with everything that carries state across steps: LoRA dropout (the RNG),
+    the adaptive KL coefficient, a prompt epoch longer than a batch, Adam's moments, the warmup.
+    With `die_at`, the run stops as a killed process would, at the start of that step."""
+    from lit_llama.utils import make_fabric
+
+    fabric = make_fabric("32-true")
+    torch.manual_seed(0)
+    base = LLaMA(Config.from_name("tiny", vocab_size=32, padding_multiple=32))
+    policy = PolicyWithValueHead(add_lora(base, LoRAConfig(r=4, alpha=8, dropout=0.2)))
+    for p in policy.value_head.parameters():
+        p.requires_grad_(True)
+    policy = fabric.setup_module(policy)
+    opt = fabric.setup_optimizers(torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3))
+    config = PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=4, learning_rate=1e-3, warmup_steps=3,
+                       adaptive_kl=True, target_kl=0.01, kl_horizon=100)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 32, (n,), generator=g) for n in range(2, 8)]  # 6 prompts: epochs of 1.5 batches
+    calls = []
+
+    def reward(queries, responses):
+        calls.append(1)
+        if die_at is not None and len(calls) == die_at:
+            raise _Killed
+        return torch.tensor([float(sum(int(t) < 8 for t in r)) for r in responses])
+
+    history = train(policy, opt, prompts, reward, config, steps=4, fabric=fabric, save_interval=2,
+                    out_dir=out_dir, resume=resume, log=lambda line: None)
+    weights = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    return history, weights
+
+
+def test_resume_after_a_crash_continues_exactly_as_the_uninterrupted_run(tmp_path):
+    history, weights = _ppo_run(tmp_path / "straight")
+    with pytest.raises(_Killed):
+        _ppo_run(tmp_path / "crashed", die_at=3)  # dies in step 3, after step 2's save
+    assert sorted(p.name for p in (tmp_path / "crashed").glob("step-*.ckpt")) == ["step-000002.ckpt"]
+    resumed_history, resumed_weights = _ppo_run(tmp_path / "crashed", resume=True)
+    assert [r["step"] for r in resumed_history] == [3, 4]
+    for key in ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "lr"):
+        assert [r[key] for r in resumed_history] == pytest.approx([r[key] for r in history[2:]], rel=1e-5, abs=1e-7), key
+    assert resumed_weights.keys() == weights.keys()
+    for name in weights:
+        torch.testing.assert_close(resumed_weights[name], weights[name], rtol=1e-5, atol=1e-6, msg=name)

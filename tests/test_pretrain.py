@@ -120,7 +120,8 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, corpus, smal
 
 def test_flops_per_token_and_device_peaks(monkeypatch):
     from lit_llama.model import Config, LLaMA
-    from lit_llama.train.training import flops_per_token, format_duration, peak_flops
+    from lit_llama.train.loop import flops_per_token, peak_flops
+    from lit_llama.utils import format_duration
 
     config = Config.from_name("tiny-gqa", vocab_size=512)
     weights = sum(p.numel() for p in LLaMA(config).parameters() if p.dim() == 2)  # the (tied) embedding once

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from lit_llama.quant.quantization import (PackedEmbedding, PackedLinear, dequantize_weight, pack_int, quantize_linears, unpack_int)
+from lit_llama.quant.bnb import quantize_linears
+from lit_llama.quant.packed import PackedEmbedding, PackedLinear, pack_int, unpack_int
+from lit_llama.quant.quantization import dequantize_weight
 from lit_llama.utils import UserError
 from quant_helpers import assert_one_error_line, calibration_file, run_main, tiny_checkpoint
 
@@ -116,7 +118,7 @@ def test_triton_kernel_matches_the_dequantized_reference():
     code = """
 import torch
 from lit_llama.quant.kernels import packed_matmul
-from lit_llama.quant.quantization import dequantize_ints, pack_int
+from lit_llama.quant.packed import dequantize_ints, pack_int
 torch.manual_seed(0)
 for bits, K, N, gs, M in [(4, 192, 70, 64, 1), (3, 200, 33, 48, 5), (4, 576, 96, 128, 20)]:
     q = torch.randint(0, 2 ** bits, (N, K))
@@ -133,7 +135,7 @@ print("ok")
 
 
 def test_cpu_path_never_imports_triton():
-    code = ("import sys, torch\nfrom lit_llama.quant.quantization import PackedLinear\n"
+    code = ("import sys, torch\nfrom lit_llama.quant.packed import PackedLinear\n"
             "PackedLinear(64, 8, 4, 32)(torch.randn(1, 64))\n"
             "assert 'triton' not in sys.modules and 'lit_llama.quant.kernels' not in sys.modules\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -175,7 +177,7 @@ def test_released_mapped_pages_leave_memory_but_not_the_data(tmp_path):
     from safetensors.torch import save_file
 
     from lit_llama.io.checkpoint import load_safetensors
-    from lit_llama.quant.quantization import release_mapped_pages
+    from lit_llama.io.checkpoint import release_mapped_pages
 
     t = torch.randn(10_000_000)  # 40 MB
     save_file({"a": t, "b": t[:1000] * 2}, str(tmp_path / "w.safetensors"))
@@ -196,7 +198,7 @@ def test_unknown_quantization_modes_are_refused(tmp_path):
     from lit_llama.quant.quantization import check_quantize_mode
 
     with pytest.raises(UserError, match="unknown --quantize 'int2'"):
-        check_quantize_mode(tmp_path, "int2")
+        check_quantize_mode(tmp_path, "int2", None)
 
 
 # ---------------------------------------------------------------- generate.py end to end

@@ -11,9 +11,9 @@ import torch
 
 from conftest import ROOT, run_script
 from lit_llama.templates import get_template
-from lit_llama.align.self_chat import (AI, HUMAN, Deduplicator, Turn, best_of, clean_dialogue, degenerate_reason,
-                                 parse_transcript, read_jsonl_resume, read_seeds, rejected_path, review,
-                                 run_self_chat, run_self_distill, strip_tags)
+from lit_llama.align.self_chat import (Deduplicator, best_of, degenerate_reason, read_jsonl_resume, read_seeds,
+                                      rejected_path, review, run_self_chat, run_self_distill)
+from lit_llama.data.chat import AI, HUMAN, Turn, clean_dialogue, parse_transcript, strip_tags
 from lit_llama.utils import UserError
 
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -52,7 +52,8 @@ def streamed(client, content, **kwargs):
 @pytest.fixture(scope="module")
 def local(default_checkpoint):
     """The model in this process, for reference answers."""
-    from lit_llama.infer.generation import generate, load_for_inference
+    from lit_llama.infer.generation import generate
+    from lit_llama.infer.load import load_for_inference
     from lit_llama.templates import ChatFormat, get_template
 
     _, model, tokenizer = load_for_inference(default_checkpoint, "32-true")

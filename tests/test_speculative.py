@@ -34,7 +34,7 @@ def test_lookup_copies_what_followed_the_latest_match():
 
 @pytest.fixture(scope="module")
 def model(default_checkpoint):
-    from lit_llama.infer.generation import load_for_inference
+    from lit_llama.infer.load import load_for_inference
 
     _, m, tokenizer = load_for_inference(default_checkpoint, "32-true")
     return m, tokenizer

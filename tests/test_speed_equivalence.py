@@ -16,7 +16,8 @@ import torch._dynamo
 
 from conftest import ROOT, assert_same_greedy, run_script
 from lit_llama.io.checkpoint import load_model
-from lit_llama.infer.generation import DecodeLinear, compile_decode_step, decode_step, generate, load_for_inference
+from lit_llama.infer.generation import DecodeLinear, compile_decode_step, decode_step, generate
+from lit_llama.infer.load import load_for_inference
 from lit_llama.tokenizer import Tokenizer
 
 N = 32

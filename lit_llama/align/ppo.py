@@ -18,9 +18,8 @@ weights. Prompts are left-padded into one batch: each row gets its own rotary po
 attention mask that hides its padding, so batched generation equals one-at-a-time generation.
 """
 
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -28,10 +27,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama.align.preference import load_preference_data, stackllama_prompt
+from lit_llama.data.records import read_records
 from lit_llama.infer.engine import Engine, Request, SamplingParams
+from lit_llama.io.checkpoint import CheckpointError, load_weights_file, save_weights_file
 from lit_llama.peft.lora import lora_disabled
 from lit_llama.model import LLaMA
-from lit_llama.utils import UserError
+from lit_llama.templates import instruction_prompt
+from lit_llama.train.loop import TrainArgs, clip_gradients, lr_at
+from lit_llama.train.state import load_training_state, save_training_state
+from lit_llama.utils import UserError, format_duration
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -73,6 +78,12 @@ class PPOConfig:
             raise UserError("--gamma and --lam must be in [0, 1]")
         if self.temperature <= 0:
             raise UserError("--temperature must be positive: PPO needs the probabilities of sampled tokens")
+
+    def schedule(self, steps: int) -> TrainArgs:
+        """The learning rate as fit's schedule (`lr_at`) gives it: linear warmup over warmup_steps,
+        then constant (a cosine that ends where it starts, as TRL's PPO keeps it)."""
+        return TrainArgs(learning_rate=self.learning_rate, warmup_iters=self.warmup_steps, max_iters=steps,
+                         min_lr_ratio=1.0, grad_clip=self.max_grad_norm)
 
 
 # ---------------------------------------------------------------- the policy and its reference
@@ -288,7 +299,23 @@ def ppo_losses(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch
     return pg_loss + vf_coef * vf_loss, stats
 
 
-class AdaptiveKLController:
+class KLController:
+    """beta, the weight of the KL penalty; saved with the training state (Fabric saves and restores
+    objects with these methods), so a resumed run goes on from the beta it had reached."""
+
+    value: float
+
+    def update(self, current: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(KLController):
     """Ziegler et al. 2019 (sec. 2.2), as TRL's AdaptiveKLController: beta grows when the KL is above
     its target and shrinks when below, by at most 20% of the error per `horizon` samples:
     beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)."""
@@ -301,12 +328,9 @@ class AdaptiveKLController:
         self.value *= 1 + error * n_steps / self.horizon
 
 
-class FixedKLController:
+class FixedKLController(KLController):
     def __init__(self, kl_coef: float):
         self.value = kl_coef
-
-    def update(self, current: float, n_steps: int) -> None:
-        pass
 
 
 def kl_controller(config: PPOConfig):
@@ -332,7 +356,6 @@ def ppo_step(policy: nn.Module, optimizer: torch.optim.Optimizer, queries: Seque
     advantages = whiten(advantages, mask)  # over the whole batch, before it is split
 
     policy.train()
-    params = [p for p in policy.parameters() if p.requires_grad]
     B = len(queries)
     totals: Dict[str, float] = {}
     n = 0
@@ -347,11 +370,7 @@ def ppo_step(policy: nn.Module, optimizer: torch.optim.Optimizer, queries: Seque
                 fabric.backward(loss)
             else:
                 loss.backward()
-            if config.max_grad_norm > 0:
-                if fabric is not None:
-                    fabric.clip_gradients(policy, optimizer, max_norm=config.max_grad_norm)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            clip_gradients(policy, optimizer, config.max_grad_norm, fabric)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for k, v in stats.items():
@@ -389,22 +408,41 @@ class PromptSampler:
             out.append(self.prompts[self.order.pop()])
         return out
 
+    # the position in the epoch, saved with the training state
+    def state_dict(self) -> dict:
+        return {"order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = [int(i) for i in state["order"]]
+
 
 def train(policy: nn.Module, optimizer: torch.optim.Optimizer, prompts: Sequence[torch.Tensor], reward_fn: RewardFn,
           config: PPOConfig, steps: int, *, stop_ids: Sequence[int] = (), pad_id: int = 0, fabric=None,
           log_interval: int = 1, save_interval: int = 0, on_save: Optional[Callable[[int, object], None]] = None,
-          log: Callable[[str], None] = print) -> List[Dict[str, float]]:
-    """`steps` PPO steps: sample prompts, generate, score with `reward_fn`, update. Returns the
-    statistics of each step; `on_save(step, kl_ctl)` runs every `save_interval` steps and at the end."""
+          log: Callable[[str], None] = print, out_dir: Optional[Path] = None, resume: bool = False
+          ) -> List[Dict[str, float]]:
+    """PPO steps up to `steps`: sample prompts, generate, score with `reward_fn`, update. Returns the
+    statistics of each step run; every `save_interval` steps and at the end, the training state
+    (step-*.ckpt in `out_dir`, with `fabric`: trainable weights, optimizer, step, beta, the prompt
+    order and the RNG, as fit writes it) and then `on_save(step, kl_ctl)`. With `resume`, the run
+    continues from out_dir's last training state exactly as if it had not stopped."""
     config.check()
+    if out_dir is not None and fabric is None:
+        raise ValueError("saving training states needs `fabric`")
     kl_ctl = kl_controller(config)
     batches = PromptSampler(prompts, config.batch_size)
+    schedule = config.schedule(steps)
+    state = {"model": policy, "optimizer": optimizer, "step": 0, "kl_controller": kl_ctl, "prompts": batches,
+             "args": asdict(config)}
+    if resume:
+        load_training_state(fabric, Path(out_dir), state, trainable_only=True)
     history: List[Dict[str, float]] = []
-    t_start = time.perf_counter()
+    t_start, start_step = time.perf_counter(), state["step"]
     device = next(p for p in policy.parameters()).device
-    for step in range(1, steps + 1):
+    while state["step"] < steps:
+        step = state["step"] + 1
         t0 = time.perf_counter()
-        lr = config.learning_rate * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.learning_rate
+        lr = lr_at(step - 1, schedule)
         for g in optimizer.param_groups:
             g["lr"] = lr
         queries = [q.to(device) for q in batches()]
@@ -413,23 +451,26 @@ def train(policy: nn.Module, optimizer: torch.optim.Optimizer, prompts: Sequence
                                    top_k=config.top_k, stop_ids=stop_ids, pad_id=pad_id)
         scores = torch.as_tensor(reward_fn(queries, responses)).float().clone()
         stats = ppo_step(policy, optimizer, queries, responses, scores, config, kl_ctl, pad_id=pad_id, fabric=fabric)
+        state["step"] = step
         dt = time.perf_counter() - t0
         tokens = sum(len(q) + len(r) for q, r in zip(queries, responses))
         stats.update(step=step, lr=lr, tokens_per_sec=tokens / dt, step_time=dt)
         history.append(stats)
         if step % log_interval == 0 or step == steps:
-            eta = (time.perf_counter() - t_start) / step * (steps - step)
+            eta = (time.perf_counter() - t_start) / (step - start_step) * (steps - step)
             log(format_stats(stats, steps, eta))
             if fabric is not None:
                 fabric.log_dict({k: v for k, v in stats.items() if k != "step"}, step=step)
-        if on_save is not None and ((save_interval and step % save_interval == 0) or step == steps):
-            on_save(step, kl_ctl)
+        if (save_interval and step % save_interval == 0) or step == steps:
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                save_training_state(fabric, Path(out_dir), state, trainable_only=True)
+            if on_save is not None:
+                on_save(step, kl_ctl)
     return history
 
 
 def format_stats(s: Dict[str, float], steps: int, eta: float) -> str:
-    from lit_llama.train.training import format_duration
-
     return (f"step {s['step']}/{steps} | score {s['score']:.3f} | kl {s['kl']:.3f} | beta {s['kl_coef']:.4f} | "
             f"len {s['response_length']:.1f} | pg_loss {s['pg_loss']:.4f} | vf_loss {s['vf_loss']:.4f} | "
             f"clipfrac {s['clipfrac']:.3f} | {s['tokens_per_sec']:.0f} tokens/s | ETA {format_duration(eta)}")
@@ -443,22 +484,9 @@ def read_prompt_texts(path: Path) -> List[str]:
     preference rows), StackExchange-paired's "question" (StackLLaMA's "Question: ...\n\nAnswer: "
     template) or Alpaca/Dolly records (instruction and optional input or context, in the Alpaca
     template that SFT used). Duplicates (one prompt, several preference pairs) are kept once."""
-    from lit_llama.align.preference import stackllama_prompt
-    from lit_llama.templates import instruction_prompt
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            raw = json.loads(text)
-        else:
-            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not JSON or JSONL ({e})")
+    raw = read_records(path, "prompts file")
     prompts = []
-    for i, r in enumerate(raw if isinstance(raw, list) else [raw]):
+    for i, r in enumerate(raw):
         if isinstance(r, str):
             prompts.append(r)
         elif isinstance(r, dict) and isinstance(r.get("prompt"), str):
@@ -482,8 +510,6 @@ def load_prompts(path: Path, tokenizer, checkpoint_dir: Path, max_prompt_length:
     leaves out long questions; none left is an error."""
     path = Path(path)
     if path.is_dir():
-        from lit_llama.align.preference import load_preference_data
-
         train, _, _ = load_preference_data(path, checkpoint_dir)
         seen = dict.fromkeys(tuple(p["chosen"][: int(p["prompt_length"])].tolist()) for p in train)
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -500,8 +526,6 @@ def load_prompts(path: Path, tokenizer, checkpoint_dir: Path, max_prompt_length:
 
 def save_value_head(policy: nn.Module, path: Path, metadata: dict) -> Path:
     """The value head (with `metadata`, e.g. the step and beta) as a safetensors file, atomically."""
-    from lit_llama.io.checkpoint import save_weights_file
-
     head = getattr(policy, "module", policy).value_head
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -513,8 +537,6 @@ def save_value_head(policy: nn.Module, path: Path, metadata: dict) -> Path:
 
 def load_value_head(policy: nn.Module, path: Path) -> dict:
     """Load a value head saved by save_value_head; returns its metadata."""
-    from lit_llama.io.checkpoint import CheckpointError, load_weights_file
-
     tensors, meta = load_weights_file(path, VALUE_HEAD_FILE)
     head = getattr(policy, "module", policy).value_head
     if meta.get("n_embd") != head.in_features or set(tensors) != {"weight", "bias"}:

@@ -10,20 +10,23 @@ Three row forms are read from JSON or JSONL (optionally gzipped):
 
 A prepared folder holds ``train.pt`` and ``val.pt``, lists of ``{"chosen", "rejected",
 "prompt_length"}`` (token ids of prompt + answer + EOS, and how many of the leading ids are the
-prompt), and ``meta.json`` with the tokenizer's fingerprint, like lit_llama/data/instruction.py's folders.
+prompt), and ``meta.json`` with the tokenizer's fingerprint, in lit_llama/data/records.py's format.
 """
 
-import gzip
-import json
-import random
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from lit_llama.data.instruction import IGNORE_INDEX, InstructionBatches, download, tokenizer_fingerprint
+from lit_llama.data.instruction import IGNORE_INDEX, InstructionBatches, download
+from lit_llama.data.records import (check_val_fraction, load_prepared, read_records, save_prepared, shuffled,
+                                    tokenizer_fingerprint, val_size)
+from lit_llama.io.checkpoint import load_config, load_model, validate_checkpoint_dir
+from lit_llama.quant.bnb import quantize_linears
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError, atomic_dir
+from lit_llama.train.loop import TrainArgs
+from lit_llama.train.setup import RunData, SaveFinal, run
+from lit_llama.utils import UserError
 
 STACKLLAMA_TEMPLATE = "Question: {question}\n\nAnswer: "
 HH_ASSISTANT = "\n\nAssistant:"
@@ -36,27 +39,7 @@ def stackllama_prompt(question: str) -> str:
 
 def read_preference_file(path: Path) -> List[Dict[str, str]]:
     """Rows of a JSON list or JSONL file (``.gz`` allowed) as {"prompt", "chosen", "rejected"}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    raw_bytes = path.read_bytes()
-    try:
-        text = (gzip.decompress(raw_bytes) if raw_bytes[:2] == b"\x1f\x8b" else raw_bytes).decode("utf-8")
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise UserError(f"{path} is not UTF-8 JSON or JSONL ({e})")
-    if text.lstrip().startswith("["):
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not JSON ({e})")
-    else:
-        raw = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: line {n} is not JSON ({e.msg}, column {e.colno})")
+    raw = read_records(path)
     if not raw:
         raise UserError(f"{path} holds no records")
     return [normalise_row(r, path, i) for i, r in enumerate(raw)]
@@ -139,14 +122,12 @@ def prepare_preference_data(rows: List[Dict[str, str]], checkpoint_dir: Path, de
                             max_seq_length: int = 512, val_fraction: float = 0.05, seed: int = 42,
                             source: str = "") -> dict:
     """Tokenise, shuffle, split and write the folder (atomically: nothing appears on an error)."""
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val_split_fraction must be in [0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     if max_seq_length < 4:
         raise UserError(f"--max_seq_length must be at least 4, got {max_seq_length}")
     tokenizer = Tokenizer(checkpoint_dir)
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    n_val = max(1, round(len(rows) * val_fraction)) if val_fraction > 0 and len(rows) > 1 else 0
+    rows = shuffled(rows, seed)
+    n_val = val_size(len(rows), val_fraction)
     encoded = []
     for r in rows:
         pair = encode_pair(tokenizer, r, max_seq_length)
@@ -157,14 +138,10 @@ def prepare_preference_data(rows: List[Dict[str, str]], checkpoint_dir: Path, de
     n_val = min(n_val, max(0, len(encoded) - 1))
     if not encoded:
         raise UserError(f"{source or 'the data'}: every pair is identical after truncation to {max_seq_length} tokens")
-    meta = {"kind": KIND, "tokenizer": tokenizer_fingerprint(checkpoint_dir), "max_seq_length": max_seq_length,
-            "longest": max(max(len(p["chosen"]), len(p["rejected"])) for p in encoded),
-            "n_train": len(encoded) - n_val, "n_val": n_val, "dropped_identical_after_truncation": dropped,
-            "source": str(source)}
-    with atomic_dir(destination) as tmp:
-        torch.save(encoded[n_val:], tmp / "train.pt")
-        torch.save(encoded[:n_val], tmp / "val.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta = save_prepared(destination, encoded, n_val, {
+        "kind": KIND, "tokenizer": tokenizer_fingerprint(checkpoint_dir), "max_seq_length": max_seq_length,
+        "longest": max(max(len(p["chosen"]), len(p["rejected"])) for p in encoded),
+        "dropped_identical_after_truncation": dropped, "source": str(source)})
     note = f" ({dropped} pair(s) identical after truncation dropped)" if dropped else ""
     print(f"wrote {meta['n_train']} training and {n_val} validation pairs to {destination}{note}")
     return meta
@@ -173,8 +150,6 @@ def prepare_preference_data(rows: List[Dict[str, str]], checkpoint_dir: Path, de
 def prepare_preferences(checkpoint_dir: Path, destination_path: Path, data_file_path: Optional[Path],
                         url: Optional[str], max_seq_length: int, val_fraction: float, seed: int) -> dict:
     """What scripts/prepare_preferences.py does: a local file, or `url` downloaded beside the destination."""
-    from lit_llama.io.checkpoint import validate_checkpoint_dir
-
     validate_checkpoint_dir(checkpoint_dir)
     if data_file_path is None and not url:
         raise UserError("pass --data_file_path (a local JSON/JSONL file) or --url (one to download)")
@@ -187,28 +162,12 @@ def load_preference_data(data_dir: Path, checkpoint_dir: Path,
                          block_size: Optional[int] = None) -> Tuple[list, list, dict]:
     """(train pairs, validation pairs, meta) of a prepared folder, checked against the tokenizer
     and, given `block_size`, the model's context."""
-    data_dir = Path(data_dir)
-    missing = [f for f in ("train.pt", "val.pt", "meta.json") if not (data_dir / f).is_file()]
-    if missing:
-        raise UserError(f"data directory {data_dir} lacks {', '.join(missing)} "
-                        f"(run scripts/prepare_preferences.py first)")
-    try:
-        meta = json.loads((data_dir / "meta.json").read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{data_dir / 'meta.json'} is not valid JSON")
-    if meta.get("kind") != KIND:
-        raise UserError(f"{data_dir} holds no preference pairs (prepare it with scripts/prepare_preferences.py)")
-    if meta.get("tokenizer") != tokenizer_fingerprint(checkpoint_dir):
-        raise UserError(f"{data_dir} was prepared with another tokenizer than {checkpoint_dir}'s; prepare it again")
+    train, val, meta = load_prepared(data_dir, checkpoint_dir, KIND, "prepare it with scripts/prepare_preferences.py",
+                                     "preference pairs")
     longest = meta.get("longest", meta.get("max_seq_length", 0))
     if block_size is not None and longest > block_size:
         raise UserError(f"{data_dir} holds sequences of {longest} tokens, above the model's context {block_size}: "
                         f"prepare it with --max_seq_length {block_size}")
-    try:
-        train = torch.load(data_dir / "train.pt", weights_only=True)
-        val = torch.load(data_dir / "val.pt", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{data_dir}: cannot read the prepared data ({str(e).splitlines()[0][:200]})")
     if not train:
         raise UserError(f"{data_dir} has no training pairs")
     return train, val, meta
@@ -250,44 +209,26 @@ class PreferenceBatches(InstructionBatches):
 
 def maybe_quantize(model, quantize: Optional[str]):
     """The base's linear layers in bitsandbytes 4-bit for QLoRA (`quantize` "nf4"/"fp4"), or as they are."""
-    if quantize is None:
-        return model
-    from lit_llama.quant.quantization import quantize_linears
-
-    return quantize_linears(model, quantize)
+    return model if quantize is None else quantize_linears(model, quantize)
 
 
-def train_on_pairs(*, checkpoint_dir: Path, data_dir: Path, out_dir: Path, args, build, compute_loss, save_final,
-                   precision: Optional[str] = None, devices: int = 1, resume: bool = False, seed: int = 1337) -> dict:
-    """What finetune/reward_model.py and finetune/dpo.py share: check everything before any work,
-    load the base (memory-mapped), `build(model)` the trainable model (LoRA, a head), train it with
-    training.fit and `compute_loss`, then `save_final(fabric, model, out_dir)`."""
-    from lit_llama.io.checkpoint import load_config, load_model, validate_checkpoint_dir
-    from lit_llama.train.training import fit, launch, make_optimizer
-    from lit_llama.utils import make_fabric
-
+def train_on_pairs(*, checkpoint_dir: Path, data_dir: Path, out_dir: Path, args: TrainArgs, build, compute_loss,
+                   save_final: SaveFinal, precision: Optional[str] = None, devices: int = 1, resume: bool = False,
+                   seed: int = 1337) -> dict:
+    """What finetune/reward_model.py and finetune/dpo.py share: check the base and the pairs before
+    any work, load the base (memory-mapped), `build(model)` the trainable model (LoRA, a head), and
+    train it with train.setup.run and `compute_loss`, which ends with `save_final`."""
     validate_checkpoint_dir(checkpoint_dir)
     config = load_config(checkpoint_dir)
     train, val, meta = load_preference_data(data_dir, checkpoint_dir, config.block_size)
-    if resume:
-        from lit_llama.train.training import check_training_state, last_checkpoint
-
-        check_training_state(last_checkpoint(out_dir))
-    fabric = make_fabric(precision, devices)
-    args.accumulation_steps(fabric.world_size)  # fail before any work if the batch sizes don't divide
-    launch(fabric)
-    fabric.seed_everything(seed)
-    model = fabric.setup_module(build(load_model(checkpoint_dir, config)))
-    optimizer = fabric.setup_optimizers(make_optimizer(model, args))
     pad = Tokenizer(checkpoint_dir).eos_id or 0
-    train_batches = PreferenceBatches(train, args.micro_batch_size, seed=seed, pad_id=pad)
-    val_batches = PreferenceBatches(val, args.micro_batch_size, seed=seed, pad_id=pad) if val else None
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fabric.print(f"{len(train)} training and {len(val)} validation pairs; {trainable:,} trainable parameters")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    result = fit(fabric, model, optimizer, train_batches, val_batches, args, out_dir, resume=resume,
-                 trainable_only=True, compute_loss=compute_loss)
-    if fabric.global_rank == 0:
-        save_final(fabric, model, Path(out_dir))
-    fabric.barrier()
-    return result
+
+    def data(fabric, model) -> RunData:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        fabric.print(f"{len(train)} training and {len(val)} validation pairs; {trainable:,} trainable parameters")
+        return RunData(PreferenceBatches(train, args.micro_batch_size, seed=seed, pad_id=pad),
+                       PreferenceBatches(val, args.micro_batch_size, seed=seed, pad_id=pad) if val else None)
+
+    return run(out_dir=out_dir, args=args, build=lambda fabric: build(load_model(checkpoint_dir, config)), data=data,
+               save_final=save_final, precision=precision, devices=devices, resume=resume, seed=seed,
+               compute_loss=compute_loss)

@@ -20,9 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_llama.io.checkpoint import CheckpointError, load_weights_file, save_weights_file
+from lit_llama.data.records import read_records
+from lit_llama.io.checkpoint import (DEFAULT_CHECKPOINT_DIR, CheckpointError, load_config, load_model, load_weights_file,
+                                     save_weights_file, validate_checkpoint_dir)
 from lit_llama.peft.lora import LoRAConfig, add_lora, lora_state_dict
 from lit_llama.model import Config, LLaMA
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import UserError, make_fabric, run_cli
 
 REWARD_FILE = "lit_reward.safetensors"
 KIND = "reward_model"
@@ -120,8 +124,6 @@ def load_reward_model(checkpoint_dir: Path, reward_path: Path, device="cpu",
 
     A file trained on another base, or whose tensors do not fit, raises CheckpointError (a
     UserError: one line from the scripts)."""
-    from lit_llama.io.checkpoint import load_config, load_model, validate_checkpoint_dir
-
     validate_checkpoint_dir(checkpoint_dir)
     config = load_config(checkpoint_dir)
     tensors, lora = read_reward_file(reward_path, config)
@@ -179,23 +181,10 @@ def main(
         texts_file: a JSON list of strings, or a file of JSON strings one per line, to score.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
     """
-    import json
-
-    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
-    from lit_llama.tokenizer import Tokenizer
-    from lit_llama.utils import UserError, make_fabric
-
     checkpoint_dir = checkpoint_dir or DEFAULT_CHECKPOINT_DIR
     texts = [text] if text is not None else []
     if texts_file is not None:
-        raw = Path(texts_file).read_text(encoding="utf-8")
-        try:
-            if raw.lstrip().startswith("["):
-                items = json.loads(raw)
-            else:
-                items = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{texts_file} is not a JSON list or JSON lines of strings ({e})")
+        items = read_records(texts_file, "texts file")
         if not all(isinstance(t, str) for t in items):
             raise UserError(f"{texts_file} holds something other than strings")
         texts += items
@@ -210,6 +199,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from lit_llama.utils import run_cli
-
     run_cli(main)

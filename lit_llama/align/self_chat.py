@@ -21,16 +21,16 @@ import re
 import sys
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from lit_llama.data.chat import AI, HUMAN, Turn, baize_text, clean_dialogue
+from lit_llama.data.records import read_records
 from lit_llama.infer.engine import Engine, Request, SamplingParams
-from lit_llama.utils import UserError
+from lit_llama.utils import UserError, format_duration
 
-HUMAN, AI = "[|Human|]", "[|AI|]"  # Baize's speaker tags (lit_llama.templates' "baize" template stops at them)
 
 # Baize's self-chat instruction (collect.py), with the [|Human|]/[|AI|] tags its training data uses
 SELF_CHAT_INSTRUCTION = (
@@ -51,26 +51,12 @@ def read_seeds(path: Path, field: Optional[str] = None) -> List[str]:
     (the text in `field`, or the first of SEED_FIELDS present). Blank seeds are skipped, repeated
     ones kept once; none at all is a UserError."""
     path = Path(path)
-    if not path.is_file():
+    if path.name.removesuffix(".gz").endswith((".json", ".jsonl")):
+        raw = read_records(path, "seeds file")
+    elif not path.is_file():
         raise UserError(f"seeds file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            raw = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not JSON ({e})")
-        if not isinstance(raw, list):
-            raise UserError(f"{path} must hold a JSON list of seeds")
-    elif path.suffix == ".jsonl":
-        raw = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: line {i + 1} is not JSON ({e})")
     else:
-        raw = text.splitlines()
+        raw = path.read_text(encoding="utf-8").splitlines()
     seeds, seen = [], set()
     for i, r in enumerate(raw):
         s = _seed_text(r, field, path, i)
@@ -96,62 +82,6 @@ def _seed_text(record, field: Optional[str], path: Path, i: int) -> str:
 
 
 # ---------------------------------------------------------------- transcripts and post-processing
-
-
-@dataclass
-class Turn:
-    role: str  # "user" or "assistant"
-    content: str
-    complete: bool = True  # False: cut at max_new_tokens (or the transcript ended mid-turn)
-
-
-_TAG_RE = re.compile(r"\[\|?\s*(?:Human|AI)\s*\|?\]", re.IGNORECASE)
-
-
-def strip_tags(text: str) -> str:
-    """The text without speaker tags ([|Human|], [|AI|], and collect.py's [Human]/[AI]) or a tag's
-    unfinished beginning at the end, whitespace-trimmed."""
-    text = _TAG_RE.sub(" ", text)
-    for tag in (HUMAN, AI, "[Human]", "[AI]"):  # "... [|Hu" left by a cut
-        for k in range(len(tag) - 1, 1, -1):
-            if text.rstrip().endswith(tag[:k]):
-                text = text.rstrip()[: -k]
-                break
-    return re.sub(r"[ \t]+", " ", text).strip()
-
-
-def parse_transcript(text: str, complete: bool = False) -> List[Turn]:
-    """Turns of a transcript `[|Human|] ... [|AI|] ...` (collect.py's [Human]/[AI] too); text before
-    the first tag is ignored. Unless `complete`, the last turn may have been cut and is marked
-    incomplete (as Baize's preprocessing, which drops it)."""
-    parts = re.split(r"(\[\|?\s*(?:Human|AI)\s*\|?\])", text, flags=re.IGNORECASE)
-    turns = []
-    for tag, content in zip(parts[1::2], parts[2::2]):
-        role = "user" if "human" in tag.lower() else "assistant"
-        turns.append(Turn(role, content.strip()))
-    if turns and not complete:
-        turns[-1].complete = False
-    return turns
-
-
-def clean_dialogue(turns: Sequence[Turn]) -> List[dict]:
-    """[{"role", "content"}]: up to the first incomplete turn, tags stripped, consecutive turns of one
-    speaker merged (the model wrote its tag twice), ending with an answer (a last question without
-    one is dropped)."""
-    out: List[dict] = []
-    for t in turns:
-        if not t.complete:
-            break
-        content = strip_tags(t.content)
-        if out and out[-1]["role"] == t.role:
-            out[-1]["content"] = (out[-1]["content"] + "\n" + content).strip()
-        else:
-            out.append({"role": t.role, "content": content})
-    while out and out[0]["role"] != "user":
-        out.pop(0)
-    while out and out[-1]["role"] != "assistant":
-        out.pop()
-    return out
 
 
 def normalise(text: str) -> str:
@@ -238,14 +168,6 @@ class Deduplicator:
         first, whole = self.keys(dialogue)
         self.first.add(first)
         self.whole.add(whole)
-
-
-def baize_text(dialogue: Sequence[dict]) -> str:
-    """The dialogue in the Baize chat format (lit_llama.templates' "baize" template: what
-    `prepare_chat.py --template baize` trains on and `chat.py --template baize` prompts with)."""
-    from lit_llama.templates import get_template
-
-    return get_template("baize").render(dialogue, add_generation_prompt=False)
 
 
 def review(turns: Sequence[Turn], dedup: Deduplicator, max_repeated_ngrams: float = 0.5) -> Tuple[List[dict], Optional[str]]:
@@ -389,12 +311,6 @@ def rejected_path(output_path: Path) -> Path:
     """Where rejected dialogues go (and are remembered as done): beside the output, `.rejected` added."""
     p = Path(output_path)
     return p.with_name(f"{p.stem}.rejected{p.suffix or '.jsonl'}")
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class Progress:

@@ -6,23 +6,94 @@ token (`<|im_end|>` of ChatML, EOS of Alpaca/Vicuna/Llama-2) or, for templates w
 tag that starts the next turn (`[|Human|]`, appended after the last answer, as Baize's own data does).
 Everything else (system text, user turns, role headers, the template's preamble) gets IGNORE_INDEX.
 
-The prepared folder is what lit_llama.data.instruction.load_instruction_data reads (train.pt, val.pt, meta.json
-with the tokenizer's fingerprint, max_seq_length and the template's name), so finetune/*.py train on
-it unchanged and record the template for chat.py.
+The prepared folder (lit_llama/data/records.py's format; meta.json adds the template's name) is what
+lit_llama.data.instruction.load_instruction_data reads, so finetune/*.py train on it unchanged and
+record the template for chat.py. Baize's transcripts ([|Human|] ... [|AI|] ...) are parsed here too.
 """
 
-import json
-import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
-from lit_llama.data.instruction import IGNORE_INDEX, tokenizer_fingerprint
-from lit_llama.utils import UserError, atomic_dir
+from lit_llama.data.instruction import IGNORE_INDEX
+from lit_llama.data.records import check_val_fraction, read_records, save_prepared, shuffled, tokenizer_fingerprint, val_size
+from lit_llama.templates import ChatFormat, get_template
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import UserError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bing": "assistant", "bard": "assistant", "system": "system"}
+
+# ---------------------------------------------------------------- Baize's transcripts
+
+HUMAN, AI = "[|Human|]", "[|AI|]"  # Baize's speaker tags (lit_llama.templates' "baize" template stops at them)
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    content: str
+    complete: bool = True  # False: cut at max_new_tokens (or the transcript ended mid-turn)
+
+
+_TAG_RE = re.compile(r"\[\|?\s*(?:Human|AI)\s*\|?\]", re.IGNORECASE)
+
+
+def strip_tags(text: str) -> str:
+    """The text without speaker tags ([|Human|], [|AI|], and collect.py's [Human]/[AI]) or a tag's
+    unfinished beginning at the end, whitespace-trimmed."""
+    text = _TAG_RE.sub(" ", text)
+    for tag in (HUMAN, AI, "[Human]", "[AI]"):  # "... [|Hu" left by a cut
+        for k in range(len(tag) - 1, 1, -1):
+            if text.rstrip().endswith(tag[:k]):
+                text = text.rstrip()[: -k]
+                break
+    return re.sub(r"[ \t]+", " ", text).strip()
+
+
+def parse_transcript(text: str, complete: bool = False) -> List[Turn]:
+    """Turns of a transcript `[|Human|] ... [|AI|] ...` (collect.py's [Human]/[AI] too); text before
+    the first tag is ignored. Unless `complete`, the last turn may have been cut and is marked
+    incomplete (as Baize's preprocessing, which drops it)."""
+    parts = re.split(r"(\[\|?\s*(?:Human|AI)\s*\|?\])", text, flags=re.IGNORECASE)
+    turns = []
+    for tag, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if "human" in tag.lower() else "assistant"
+        turns.append(Turn(role, content.strip()))
+    if turns and not complete:
+        turns[-1].complete = False
+    return turns
+
+
+def clean_dialogue(turns: Sequence[Turn]) -> List[dict]:
+    """[{"role", "content"}]: up to the first incomplete turn, tags stripped, consecutive turns of one
+    speaker merged (the model wrote its tag twice), ending with an answer (a last question without
+    one is dropped)."""
+    out: List[dict] = []
+    for t in turns:
+        if not t.complete:
+            break
+        content = strip_tags(t.content)
+        if out and out[-1]["role"] == t.role:
+            out[-1]["content"] = (out[-1]["content"] + "\n" + content).strip()
+        else:
+            out.append({"role": t.role, "content": content})
+    while out and out[0]["role"] != "user":
+        out.pop(0)
+    while out and out[-1]["role"] != "assistant":
+        out.pop()
+    return out
+
+
+def baize_text(dialogue: Sequence[dict]) -> str:
+    """The dialogue in the Baize chat format (lit_llama.templates' "baize" template: what
+    `prepare_chat.py --template baize` trains on and `chat.py --template baize` prompts with)."""
+    return get_template("baize").render(dialogue, add_generation_prompt=False)
+
 
 # ---------------------------------------------------------------- reading and checking dialogues
 
@@ -32,17 +103,7 @@ def read_dialogues(path: Path) -> List[List[dict]]:
     self_distill.py) or {"messages": [...]} with {"role", "content"} messages; ShareGPT's
     {"conversations": [{"from", "value"}]}; Alpaca's {"instruction", "input"?, "output"} (one
     exchange); Baize's released data {"input": "... [|Human|] ... [|AI|] ..."}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            raw = json.loads(text)
-        else:
-            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not JSON or JSONL ({e})")
+    raw = read_records(path)
     if not raw:
         raise UserError(f"{path} holds no records")
     return [to_dialogue(r, f"{path}: record {i}") for i, r in enumerate(raw)]
@@ -73,8 +134,6 @@ def to_dialogue(record, where: str) -> List[dict]:
         return check_dialogue([{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
                               where)
     if isinstance(record.get("input"), str) and "[|AI|]" in record["input"]:
-        from lit_llama.align.self_chat import clean_dialogue, parse_transcript
-
         return check_dialogue(clean_dialogue(parse_transcript(record["input"], complete=True)), where)
     raise UserError(f"{where} has none of the fields dialogue, messages, conversations, instruction+output, "
                     f"or a Baize transcript in input")
@@ -185,33 +244,23 @@ def prepare_chat_data(dialogues: Sequence[List[dict]], checkpoint_dir: Path, des
                       max_seq_length: int = 512, val_fraction: float = 0.04, seed: int = 42) -> dict:
     """Tokenise `dialogues` with `template` and write train.pt, val.pt and meta.json to `destination`
     (atomically: nothing is written on an error). Returns the metadata."""
-    from lit_llama.templates import ChatFormat, get_template
-    from lit_llama.tokenizer import Tokenizer
-
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val_split_fraction must be in [0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2, got {max_seq_length}")
     tokenizer = Tokenizer(checkpoint_dir)
     fmt = ChatFormat(get_template(template, tokenizer), tokenizer)
-    dialogues = list(dialogues)
-    random.Random(seed).shuffle(dialogues)
-    from tqdm import tqdm
-
+    dialogues = shuffled(dialogues, seed)
     encoded = [encode_dialogue(fmt, d, max_seq_length) for d in tqdm(dialogues, desc="tokenizing", unit="dialogue")]
     skipped = sum(e is None for e in encoded)
     encoded = [e for e in encoded if e is not None]
     if not encoded:
         raise UserError(f"no dialogue has an answer within --max_seq_length {max_seq_length} tokens")
-    n_val = max(1, round(len(encoded) * val_fraction)) if val_fraction > 0 and len(encoded) > 1 else 0
+    n_val = val_size(len(encoded), val_fraction)
     trained = sum(int((e["labels"] != IGNORE_INDEX).sum()) for e in encoded)
-    meta = {"tokenizer": tokenizer_fingerprint(checkpoint_dir), "max_seq_length": max_seq_length, "mask_inputs": True,
-            "template": template, "format": "chat", "n_train": len(encoded) - n_val, "n_val": n_val,
-            "n_skipped": skipped, "tokens": sum(len(e["input_ids"]) for e in encoded), "trained_tokens": trained}
-    with atomic_dir(destination) as tmp:
-        torch.save(encoded[n_val:], tmp / "train.pt")
-        torch.save(encoded[:n_val], tmp / "val.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta = save_prepared(destination, encoded, n_val, {
+        "tokenizer": tokenizer_fingerprint(checkpoint_dir), "max_seq_length": max_seq_length, "mask_inputs": True,
+        "template": template, "format": "chat", "n_skipped": skipped,
+        "tokens": sum(len(e["input_ids"]) for e in encoded), "trained_tokens": trained})
     note = f" ({skipped} skipped: no answer within {max_seq_length} tokens)" if skipped else ""
     print(f"wrote {meta['n_train']} training and {n_val} validation dialogues to {destination}{note}; "
           f"{trained} of {meta['tokens']} tokens are trained (the assistant's)")

@@ -1,21 +1,20 @@
 """Instruction data: read JSON/JSONL records, apply the prompt template, tokenise, mask, batch.
 
-A prepared folder holds `train.pt` and `val.pt` (lists of {"input_ids", "labels"} tensors, loaded
-with weights_only) and `meta.json`, which records the tokenizer's fingerprint so that training
-refuses data prepared with another tokenizer."""
+The prepared folder (lit_llama/data/records.py's format) holds lists of {"input_ids", "labels"}."""
 
-import hashlib
-import json
-import random
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from tqdm import tqdm
 
+from lit_llama.data.records import (check_val_fraction, load_prepared, read_records, save_prepared, shuffled,
+                                    tokenizer_fingerprint, val_size)
+from lit_llama.io.checkpoint import validate_checkpoint_dir
 from lit_llama.templates import instruction_prompt
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.utils import UserError, atomic_dir, atomic_file
+from lit_llama.utils import UserError, atomic_file
 
 IGNORE_INDEX = -100  # labels the loss skips: masked prompt tokens and padding
 
@@ -37,19 +36,9 @@ def download(url: str, path: Path) -> Path:
     return path
 
 
-def read_records(path: Path) -> List[Dict[str, str]]:
-    """Records of a JSON list or a JSONL file, normalised to instruction/input/output."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            raw = json.loads(text)
-        else:
-            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not JSON or JSONL ({e})")
+def read_instructions(path: Path) -> List[Dict[str, str]]:
+    """Records of a JSON list or a JSONL file (gzip or not), normalised to instruction/input/output."""
+    raw = read_records(path)
     if not raw:
         raise UserError(f"{path} holds no records")
     return [normalise(r, path, i) for i, r in enumerate(raw)]
@@ -79,60 +68,32 @@ def encode_example(tokenizer: Tokenizer, record: Dict[str, str], max_seq_length:
 def prepare_source(checkpoint_dir: Path, destination_path: Path, data_file_path: Optional[Path], url: str,
                    max_seq_length: int, mask_inputs: bool, val_fraction: float, seed: int) -> None:
     """What the prepare_* scripts do: take the local file, or download `url` next to the destination."""
-    from lit_llama.io.checkpoint import validate_checkpoint_dir
-
     validate_checkpoint_dir(checkpoint_dir)
     path = data_file_path or download(url, Path(destination_path).parent / url.rsplit("/", 1)[-1])
-    prepare_instruction_data(read_records(path), checkpoint_dir, destination_path, max_seq_length, mask_inputs,
+    prepare_instruction_data(read_instructions(path), checkpoint_dir, destination_path, max_seq_length, mask_inputs,
                              val_fraction, seed)
-
-
-def tokenizer_fingerprint(checkpoint_dir: Path) -> str:
-    d = Path(checkpoint_dir)
-    h = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (d / name).is_file():
-            h.update((d / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def prepare_instruction_data(records: List[Dict[str, str]], checkpoint_dir: Path, destination: Path,
                              max_seq_length: int = 256, mask_inputs: bool = False, val_fraction: float = 0.04,
                              seed: int = 42, template: str = "alpaca") -> None:
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2, got {max_seq_length}")
     tokenizer = Tokenizer(checkpoint_dir)
-    records = list(records)
-    random.Random(seed).shuffle(records)
-    n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 and len(records) > 1 else 0
-    from tqdm import tqdm
-
+    records = shuffled(records, seed)
+    n_val = val_size(len(records), val_fraction)
     encoded = [encode_example(tokenizer, r, max_seq_length, mask_inputs, template)
                for r in tqdm(records, desc="tokenizing", unit="example")]
-    meta = {"tokenizer": tokenizer_fingerprint(checkpoint_dir), "max_seq_length": max_seq_length,
-            "mask_inputs": mask_inputs, "template": template, "n_train": len(encoded) - n_val, "n_val": n_val}
-    with atomic_dir(destination) as tmp:
-        torch.save(encoded[n_val:], tmp / "train.pt")
-        torch.save(encoded[:n_val], tmp / "val.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta = save_prepared(destination, encoded, n_val, {
+        "tokenizer": tokenizer_fingerprint(checkpoint_dir), "max_seq_length": max_seq_length,
+        "mask_inputs": mask_inputs, "template": template})
     print(f"wrote {meta['n_train']} training and {n_val} validation examples to {destination}")
 
 
 def load_instruction_data(data_dir: Path, checkpoint_dir: Path) -> Tuple[list, list, dict]:
-    data_dir = Path(data_dir)
-    missing = [f for f in ("train.pt", "val.pt", "meta.json") if not (data_dir / f).is_file()]
-    if missing:
-        raise UserError(f"data directory {data_dir} lacks {', '.join(missing)} (run a scripts/prepare_*.py first)")
-    meta = json.loads((data_dir / "meta.json").read_text())
-    if meta.get("tokenizer") != tokenizer_fingerprint(checkpoint_dir):
-        raise UserError(f"{data_dir} was prepared with another tokenizer than {checkpoint_dir}'s; prepare it again")
-    try:
-        train = torch.load(data_dir / "train.pt", weights_only=True)
-        val = torch.load(data_dir / "val.pt", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{data_dir}: cannot read the prepared data ({str(e).splitlines()[0][:200]})")
+    """(train, val, meta) of a folder made by a scripts/prepare_*.py (instruction or chat data)."""
+    train, val, meta = load_prepared(data_dir, checkpoint_dir)
     if not train:
         raise UserError(f"{data_dir} has no training examples")
     return train, val, meta

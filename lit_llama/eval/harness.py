@@ -16,6 +16,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from lit_llama.infer.engine import Engine, Request, SamplingParams
+from lit_llama.infer.load import load_for_inference
 from lit_llama.utils import UserError
 
 try:
@@ -33,8 +35,6 @@ class LitLLaMALM(TemplateLM):
                  precision: Optional[str] = None, max_length: Optional[int] = None, max_gen_toks: int = 256,
                  wrap: Optional[Callable] = None, **kwargs):
         super().__init__()
-        from lit_llama.infer.generation import load_for_inference
-
         self.fabric, self.model, self.tokenizer = load_for_inference(Path(checkpoint_dir), precision, wrap, quantize)
         block_size = self.model.config.block_size
         self.max_length = min(int(max_length or block_size), block_size)
@@ -96,8 +96,6 @@ class LitLLaMALM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """All requests as rows of one batch on the engine (lit_llama/infer/engine.py), each with its own
         stop strings (`until`) and length."""
-        from lit_llama.infer.engine import Engine, Request, SamplingParams
-
         if self._engine is None:
             self._engine = Engine(self.model, self.tokenizer, max_batch_size=8, max_seq_length=self.max_length,
                                   cache_rows=8, device=self.device)

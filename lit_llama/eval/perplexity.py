@@ -1,10 +1,11 @@
-"""Perplexity of a checkpoint on a text: what the evaluate/ scripts share.
+"""Perplexity of a checkpoint on a text: what the evaluate/ scripts share, and their one main.
 
 As in the GPTQ paper: the text is tokenized once, cut into non-overlapping windows of the context
 length (the remainder shorter than a window is left out), every window is scored independently,
 and perplexity = exp(mean negative log-likelihood of every token predicted from its window).
 """
 
+import logging
 import math
 import sys
 import time
@@ -14,6 +15,10 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from lit_llama.infer.cli import peak_memory_gb
+from lit_llama.infer.load import FinetunedArgs, LoadArgs, finetuned_source, load_for_inference
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, load_config, validate_checkpoint_dir
+from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
 
 DATASETS = ("wikitext2", "ptb", "c4")
@@ -28,8 +33,6 @@ def load_dataset_text(name: str) -> str:
         from datasets import load_dataset
     except ImportError:
         raise UserError(f"--dataset {name} needs the `datasets` package (pip install -e '.[eval]'); or pass --text_file")
-    import logging
-
     # the hub client logs every retry of an unreachable host; the one error line below says it all
     for logger in ("huggingface_hub", "datasets", "fsspec"):
         logging.getLogger(logger).setLevel(logging.ERROR)
@@ -96,9 +99,6 @@ def weights_bytes(model) -> int:
 def evaluation_tokens(checkpoint_dir: Path, text_file: Optional[Path], dataset: Optional[str],
                       seqlen: Optional[int]) -> Tuple[torch.Tensor, int]:
     """(token ids of the text, window length), checked before anything slow is loaded."""
-    from lit_llama.io.checkpoint import load_config, validate_checkpoint_dir
-    from lit_llama.tokenizer import Tokenizer
-
     if seqlen is not None and seqlen < 2:
         raise UserError(f"--seqlen must be at least 2, got {seqlen}")
     text = evaluation_text(text_file, dataset)
@@ -112,16 +112,18 @@ def evaluation_tokens(checkpoint_dir: Path, text_file: Optional[Path], dataset: 
     return tokens, seqlen
 
 
-def evaluate_checkpoint(checkpoint_dir: Path, wrap: Optional[Callable] = None, *, quantize: Optional[str] = None,
+def evaluate_checkpoint(checkpoint_dir: Path, wrap: Optional[Callable] = None, *,
+                        weights: FinetunedArgs = FinetunedArgs(), quantize: Optional[str] = None,
                         precision: Optional[str] = None, text_file: Optional[Path] = None,
                         dataset: Optional[str] = None, seqlen: Optional[int] = None,
                         max_windows: Optional[int] = None) -> float:
-    """What the evaluate/ scripts do: load (and wrap, and quantize) the model, print progress,
-    speed and memory to stderr, and the perplexity as the last line of stdout."""
-    from lit_llama.infer.generation import load_for_inference, peak_memory_gb
-
+    """What the evaluate/ scripts do: load the model (with `weights` or `wrap`, quantized), print
+    progress, speed and memory to stderr, and the perplexity as the last line of stdout."""
     if max_windows is not None and max_windows < 1:
         raise UserError(f"--max_windows must be at least 1, got {max_windows}")
+    if weights.given() is not None:
+        # with gptq.* and finetune/full.py's weights the checkpoint is the finetuned one
+        checkpoint_dir, wrap = finetuned_source(checkpoint_dir, weights, quantize)
     tokens, seqlen = evaluation_tokens(checkpoint_dir, text_file, dataset, seqlen)
     t0 = time.perf_counter()
     fabric, model, _ = load_for_inference(checkpoint_dir, precision, wrap, quantize)
@@ -134,3 +136,37 @@ def evaluate_checkpoint(checkpoint_dir: Path, wrap: Optional[Callable] = None, *
           file=sys.stderr)
     print(f"perplexity: {ppl:.4f}", flush=True)
     return ppl
+
+
+def perplexity_main(default_weights: FinetunedArgs = FinetunedArgs()) -> Callable:
+    """The main of evaluate/perplexity.py, whose finetuned weights default to `default_weights`: the
+    Lit-LLaMA scripts evaluate/full.py, lora.py, adapter.py, adapter_v2.py are this main with the
+    folder their finetune/ script writes as the default."""
+
+    def main(
+        checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+        weights: FinetunedArgs = default_weights,
+        text_file: Optional[Path] = None,
+        dataset: Optional[str] = None,
+        seqlen: Optional[int] = None,
+        max_windows: Optional[int] = None,
+        loading: LoadArgs = LoadArgs(),
+    ) -> None:
+        """Perplexity of a model, with or without finetuned weights, over non-overlapping
+        context-length windows of a text.
+
+        The last line printed is `perplexity: <number>`; progress, speed and memory go to stderr.
+
+        Args:
+            checkpoint_dir: the checkpoint directory (a float one, or one written by quantize/gptq.py);
+                with finetuned weights, the base model they were trained on.
+            text_file: a UTF-8 text to evaluate on.
+            dataset: wikitext2 (the default without --text_file), ptb or c4: the standard test sets,
+                downloaded with Hugging Face `datasets` (needs the network and the `eval` extra).
+            seqlen: tokens per window (default: the model's context, at most 2048 as in the GPTQ paper).
+            max_windows: score only the first this many windows (a quick estimate).
+        """
+        evaluate_checkpoint(checkpoint_dir, weights=weights, quantize=loading.quantize, precision=loading.precision,
+                            text_file=text_file, dataset=dataset, seqlen=seqlen, max_windows=max_windows)
+
+    return main

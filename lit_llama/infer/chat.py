@@ -1,14 +1,15 @@
 """Multi-turn chat: a session that keeps the history, renders it with the chat template, trims the
 oldest turns to fit the context, and streams the answer with the template's stop strings applied,
 through the batched engine (whose prefix cache keeps the conversation's keys and values between
-turns). Also loading a checkpoint with optional finetuned weights, which serving shares."""
+turns). Loading the model and its template: lit_llama/infer/load.py (load_chat_model)."""
 
+import signal
 import sys
-from pathlib import Path
-from typing import Callable, Iterator, List, Optional, TextIO, Tuple
+import threading
+from typing import Iterator, List, Optional, TextIO, Tuple
 
 from lit_llama.infer.engine import Engine, Request, SamplingParams, stream
-from lit_llama.templates import ChatFormat
+from lit_llama.templates import ChatFormat, get_template
 from lit_llama.utils import UserError
 
 
@@ -100,11 +101,6 @@ def run_chat(session: ChatSession, tokenizer, inp: TextIO = sys.stdin, out: Text
     """The read-answer loop of chat.py. A terminal gets a `>> ` prompt; from a pipe, each message is
     echoed as `>> message` so that the output reads as a transcript. Ctrl-C during an answer stops
     that answer; at the prompt it only reminds how to leave; end of input or /exit leaves."""
-    import signal
-    import threading
-
-    from lit_llama.templates import get_template
-
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C is how an answer is stopped: a process started in the background inherits SIGINT
         # ignored (POSIX shells do that), and Python then keeps it ignored; take it back
@@ -170,48 +166,3 @@ def run_chat(session: ChatSession, tokenizer, inp: TextIO = sys.stdin, out: Text
         except UserError as e:
             print(f"error: {e}", file=err, flush=True)
         out.flush()
-
-
-# ---------------------------------------------------------------- loading, with finetuned weights
-
-
-def finetuned_wrap(lora_path: Optional[Path] = None, adapter_path: Optional[Path] = None) -> Optional[Callable]:
-    """A `wrap(model)` for load_for_inference adding LoRA or adapter (v1 or v2, as the file says)."""
-    if lora_path is not None and adapter_path is not None:
-        raise UserError("give --lora_path or --adapter_path, not both")
-    if lora_path is not None:
-        from lit_llama.peft.lora import load_lora
-
-        return lambda model: load_lora(model, lora_path)
-    if adapter_path is not None:
-        from lit_llama.peft.adapter import ADAPTER_FILE, load_adapter
-        from lit_llama.peft.adapter_v2 import ADAPTER_V2_FILE, load_adapter_v2
-        from lit_llama.io.checkpoint import load_weights_file
-
-        path = Path(adapter_path)
-        if path.is_dir():
-            if (path / ADAPTER_V2_FILE).is_file() and not (path / ADAPTER_FILE).is_file():
-                return lambda model: load_adapter_v2(model, path)
-            return lambda model: load_adapter(model, path)
-        _, meta = load_weights_file(path, ADAPTER_FILE)
-        return lambda model: (load_adapter_v2 if meta.get("kind") == "adapter_v2" else load_adapter)(model, path)
-    return None
-
-
-def load_chat_model(checkpoint_dir: Path, precision: Optional[str] = None, lora_path: Optional[Path] = None,
-                    adapter_path: Optional[Path] = None, template: Optional[str] = None, **load_kwargs):
-    """(fabric, model, tokenizer, ChatFormat, where the template came from). The template is checked
-    before the weights are read, so that a wrong name costs no loading time."""
-    from lit_llama.io.checkpoint import validate_checkpoint_dir
-    from lit_llama.infer.generation import load_for_inference
-    from lit_llama.templates import choose_template
-    from lit_llama.tokenizer import Tokenizer
-
-    validate_checkpoint_dir(checkpoint_dir)
-    finetuned = lora_path if lora_path is not None else adapter_path
-    if finetuned is not None and not Path(finetuned).exists():
-        raise UserError(f"{finetuned} does not exist")
-    tmpl, source = choose_template(Tokenizer(checkpoint_dir), checkpoint_dir, template, finetuned)
-    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, finetuned_wrap(lora_path, adapter_path),
-                                                  **load_kwargs)
-    return fabric, model, tokenizer, ChatFormat(tmpl, tokenizer), source

@@ -1,9 +1,12 @@
 """Autoregressive generation: prefill, then one token at a time through the KV cache."""
 
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
+from lit_llama.io.checkpoint import release_mapped_pages
 from lit_llama.model import LLaMA, linear
 from lit_llama.utils import UserError
 
@@ -36,6 +39,28 @@ def sample_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] 
     return logits.softmax(-1)
 
 
+@dataclass
+class SamplingArgs:
+    """How the answer is sampled.
+
+    Args:
+        max_new_tokens: the most tokens to generate (generation also stops at EOS, or at the chat
+            template's stop).
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_k: sample only among the k most likely tokens (none: all).
+        top_p: sample only among the most likely tokens whose probabilities sum to top_p.
+    """
+
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: Optional[int] = 200
+    top_p: float = 1.0
+
+    def check(self) -> "SamplingArgs":
+        check_sampling_args(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+        return self
+
+
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float) -> None:
     if max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -65,8 +90,6 @@ def warm_up(model: LLaMA, step: Callable, device, length: int) -> float:
     """Run (and so compile) `step` once on a KV cache sized for `length` positions, so that the
     compilation is not counted in the first generation's speed; returns the seconds it took. The
     cache content it leaves is overwritten by the next prompt (positions are written before read)."""
-    import time
-
     t0 = time.perf_counter()
     prepare_cache(model, length)
     step(model, torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
@@ -93,8 +116,6 @@ def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Mo
     than row-major (and which the compiled reduction would stream 3x slower); same values and
     shapes, only the strides change, and the memory-mapped originals' pages are given back, so
     peak memory stays one model."""
-    from lit_llama.quant.quantization import release_mapped_pages
-
     for module in model.modules():
         if compiled:
             if type(module) is torch.nn.Linear:
@@ -205,125 +226,15 @@ class TextStream:
         return self._emit(text, len(text))
 
 
-def stream_text(decode: Callable[[list], str], tokens: Iterable[int]) -> Iterator[str]:
-    """Text pieces as tokens arrive (TextStream without stop strings)."""
-    stream = TextStream(decode)
+def stream_text(decode: Callable[[list], str], tokens: Iterable[int], stop_strings: Sequence[str] = ()) -> Iterator[str]:
+    """Text pieces as tokens arrive, ending before the first stop string (TextStream's rules)."""
+    stream = TextStream(decode, stop_strings)
     for t in tokens:
         piece = stream.add(t)
         if piece:
             yield piece
+        if stream.stopped:
+            return
     rest = stream.flush()
     if rest:
         yield rest
-
-
-def load_for_inference(checkpoint_dir, precision: Optional[str] = None, wrap: Optional[Callable] = None,
-                       quantize: Optional[str] = None, compile: bool = False):
-    """(fabric, model, tokenizer) for a checkpoint directory, the model on Fabric's device in
-    eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin.
-    `wrap(model)` may add finetuned weights (LoRA, adapters) first.
-
-    `quantize`: llm.int8 quantizes the float linear layers of the blocks (after `wrap`, so LoRA and
-    adapters wrap float layers that are then quantized) one at a time onto the device; gptq.int4
-    and gptq.int3 load a checkpoint written by quantize/gptq.py, whose packed layers `wrap` wraps.
-    `compile`: the weights are laid out for `compile_decode_step` rather than for eager decoding."""
-    from lit_llama.io.checkpoint import load_model, validate_checkpoint_dir
-    from lit_llama.quant.quantization import check_quantize_mode, load_packed_model, quantize_linears
-    from lit_llama.tokenizer import Tokenizer
-    from lit_llama.utils import make_fabric
-
-    fabric = make_fabric(precision)
-    # before any weight is read: a mode that does not fit the checkpoint is one clear line
-    validate_checkpoint_dir(checkpoint_dir)
-    packed = check_quantize_mode(checkpoint_dir, quantize)
-    if packed is not None:
-        model = load_packed_model(checkpoint_dir, _weight_dtype(precision))
-    else:
-        model = load_model(checkpoint_dir)
-    if wrap is not None:
-        model = wrap(model)
-    if quantize == "llm.int8":
-        quantize_linears(model, quantize, device=fabric.device, release_mapped=True)
-    tokenizer = Tokenizer(checkpoint_dir)
-    model = fabric.setup_module(model.eval())
-    if fabric.device.type == "cpu":
-        decode_layout(model, compiled=compile)
-    return fabric, model, tokenizer
-
-
-def _weight_dtype(precision: Optional[str]) -> torch.dtype:
-    # the dtype Fabric's precision gives the weights: half for the "-true" half precisions, float32
-    # otherwise (mixed precisions keep float32 weights)
-    from lit_llama.utils import default_precision
-
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64,
-            "64": torch.float64}.get(precision or default_precision(), torch.float32)
-
-
-def print_completion(model: LLaMA, tokenizer, prompt: str, device, max_new_tokens: int, *, temperature: float = 0.0,
-                     top_k: Optional[int] = None, top_p: float = 1.0, step: Callable = decode_step) -> str:
-    """Generate after `prompt`, streaming the text to stdout and the speed to stderr; returns the text."""
-    import sys
-    import time
-
-    encoded = tokenizer.encode(prompt).to(device)
-    t0, pieces, n = time.perf_counter(), [], 0
-    tokens = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      stop_ids=tokenizer.stop_ids, step=step)
-
-    def counted(tokens):
-        nonlocal n
-        for t in tokens:
-            n += 1
-            yield t
-
-    for piece in stream_text(tokenizer.decode, counted(tokens)):
-        print(piece, end="", flush=True)
-        pieces.append(piece)
-    print(flush=True)
-    dt = time.perf_counter() - t0
-    print(f"Time for inference: {dt:.2f} s, {n} tokens, {n / dt:.2f} tokens/s", file=sys.stderr)
-    return "".join(pieces)
-
-
-def peak_memory_gb(device) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
-def answer_instruction(checkpoint_dir, instruction: str, input: str = "", wrap: Optional[Callable] = None, *,
-                       max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = 200,
-                       top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
-                       compile: bool = False, quantize: Optional[str] = None) -> str:
-    """What the generate/ scripts do: wrap the instruction in the finetuning template and stream
-    the model's response to stdout."""
-    from lit_llama.templates import instruction_prompt
-
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, wrap, quantize, compile)
-    fabric.seed_everything(seed, verbose=False)
-    step = compile_decode_step(fabric.device) if compile else decode_step
-    return print_completion(model, tokenizer, instruction_prompt(instruction, input), fabric.device,
-                            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, step=step)
-
-
-def finetuned_source(checkpoint_dir, finetuned_path, quantize: Optional[str] = None):
-    """(checkpoint dir to load, wrap) for finetune/full.py's weights on top of `checkpoint_dir`.
-
-    Packed GPTQ weights cannot take float weights: for gptq.* modes `finetuned_path` must be the
-    finetuned model quantized by quantize/gptq.py, and is loaded on its own."""
-    from pathlib import Path
-
-    from lit_llama.io.checkpoint import load_finetuned_weights
-    from lit_llama.quant.quantization import read_quantization
-
-    if quantize is not None and quantize.startswith("gptq."):
-        if read_quantization(finetuned_path) is None:
-            final = Path(finetuned_path) / "final" if (Path(finetuned_path) / "final").is_dir() else finetuned_path
-            raise UserError(f"--quantize {quantize} needs the finetuned model quantized: run `python quantize/gptq.py "
-                            f"--checkpoint_dir {final} --output_dir OUT` and pass OUT as --finetuned_path")
-        return finetuned_path, None
-    return checkpoint_dir, lambda model: load_finetuned_weights(model, finetuned_path)

@@ -17,12 +17,14 @@ in one batched pass and calls `swap` when it exchanges rows, so that a draft mod
 rows follow the engine's.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from lit_llama.infer.generation import load_for_inference, row_forward, sample_probs
+from lit_llama.infer.generation import row_forward, sample_probs
+from lit_llama.infer.load import load_for_inference
 from lit_llama.model import LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
@@ -143,6 +145,32 @@ def accept(draft: Sequence[int], logits: torch.Tensor, temperature: float, top_k
 def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> int:
     # the exponential race of generation.sample: needs no normalization
     return int((probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax())
+
+
+@dataclass
+class SpeculativeArgs:
+    """Speculative decoding (the output is the same as without it).
+
+    Args:
+        prompt_lookup: speculative decoding with drafts copied from the prompt and the text so far
+            (what followed the last few tokens' latest earlier occurrence): fast when the answer
+            repeats its input.
+        draft_checkpoint_dir: speculative decoding with this smaller model's greedy guesses; it must
+            have the same tokenizer.
+        draft_tokens: the most tokens drafted per step.
+    """
+
+    prompt_lookup: bool = False
+    draft_checkpoint_dir: Optional[Path] = None
+    draft_tokens: int = 5
+
+    def check(self) -> "SpeculativeArgs":
+        check_draft_tokens(self.draft_tokens)
+        return self
+
+    def drafter(self, tokenizer, fabric, precision: Optional[str] = None):
+        """The drafter these flags ask for (None: no speculation); see load_drafter."""
+        return load_drafter(self.prompt_lookup, self.draft_checkpoint_dir, tokenizer, fabric, precision)
 
 
 def check_draft_tokens(draft_tokens: int) -> None:

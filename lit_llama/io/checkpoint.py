@@ -4,9 +4,12 @@ Loading memory-maps the weights (no second copy in RAM, no code run from the fil
 streams tensor by tensor into shards and becomes visible only when complete (atomic rename).
 """
 
+import ctypes
+import functools
 import json
 import mmap
 import struct
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -16,6 +19,9 @@ from lit_llama.model import Config, LLaMA
 from lit_llama.utils import UserError
 
 CONFIG_FILE = "lit_config.json"
+# the lit_config.json entry of a packed checkpoint: bits, groupsize, act_order, method, and optional
+# head (bits, groupsize, act_order), layers ({name: {bits}}), calibration (where the text came from)
+QUANTIZATION_KEY = "quantization"
 WEIGHTS_FILE = "lit_model.safetensors"
 INDEX_FILE = "lit_model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -80,6 +86,53 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     return out
 
 
+# ---------------------------------------------------------------- memory-mapped pages, given back once used
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _file_backed(address: int) -> bool:
+    # /proc/self/maps lines: "start-end perms offset dev inode path"; inode 0 is anonymous memory
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            start, end = (int(a, 16) for a in parts[0].split("-"))
+            if start <= address < end:
+                return len(parts) >= 6 and parts[4] != "0"
+    return False
+
+
+def release_mapped_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor memory-mapped from a file (a weight loaded from a
+    checkpoint) once it is no longer needed: they would otherwise count in the process's memory
+    until the whole file is unmapped. Only whole pages inside the tensor are dropped (neighbours
+    keep theirs), and only for a file mapping, which reads the data back from the file if it is
+    touched again; anything else (Linux only, CPU only) is left alone."""
+    if t.device.type != "cpu" or t.numel() == 0 or not sys.platform.startswith("linux"):
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or not _file_backed(start):
+        return
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+def release_freed_heap() -> None:
+    """Give memory freed by temporaries back to the OS (glibc's malloc_trim). Without it, a layer's
+    freed float copy stays in the heap below the int8 weights allocated after it: quantizing layer
+    by layer would still end at several times the int8 size."""
+    if sys.platform.startswith("linux"):
+        try:
+            _libc().malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
+
+
 class ShardedWriter:
     """Writes tensors one at a time into safetensors shards of at most `shard_bytes`, so peak memory
     is one shard, not the whole model. Several shards get an index like Hugging Face's."""
@@ -121,8 +174,13 @@ class ShardedWriter:
         (self.out_dir / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}, indent=2))
 
 
-def write_config(out_dir: Path, config: Config) -> None:
-    (Path(out_dir) / CONFIG_FILE).write_text(json.dumps(config.asdict(), indent=2))
+def write_config(out_dir: Path, config: Config, quantization: Optional[dict] = None) -> None:
+    """lit_config.json: the architecture's fields and, for a checkpoint written by quantize/gptq.py,
+    a `quantization` entry saying how its weights are packed (read_checkpoint_config reads both)."""
+    fields = config.asdict()
+    if quantization is not None:
+        fields[QUANTIZATION_KEY] = quantization
+    (Path(out_dir) / CONFIG_FILE).write_text(json.dumps(fields, indent=2))
 
 
 # ---------------------------------------------------------------- reading a checkpoint directory
@@ -156,15 +214,35 @@ def validate_checkpoint_dir(checkpoint_dir: Path) -> None:
         raise CheckpointError(f"checkpoint directory {checkpoint_dir} is incomplete: missing {', '.join(missing)}")
 
 
-def load_config(checkpoint_dir: Path) -> Config:
+def read_checkpoint_config(checkpoint_dir: Path) -> Tuple[Config, Optional[dict]]:
+    """(the architecture, the quantization entry or None for float weights) of lit_config.json,
+    parsed once: the file's only reader."""
     path = Path(checkpoint_dir) / CONFIG_FILE
     try:
         fields = json.loads(path.read_text())
-        # how quantize/gptq.py packed the weights (lit_llama.quant.quantization reads it), not the architecture
-        fields.pop("quantization", None)
-        return Config(**fields)
+        # how quantize/gptq.py packed the weights (lit_llama.quant.packed reads it), not the architecture
+        quantization = fields.pop(QUANTIZATION_KEY, None)
+        return Config(**fields), quantization
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a valid model config: {e}")
+
+
+def load_config(checkpoint_dir: Path) -> Config:
+    return read_checkpoint_config(checkpoint_dir)[0]
+
+
+def read_quantization(checkpoint_dir: Path) -> Optional[dict]:
+    """The quantization entry of a checkpoint (None for a float one, or where the config cannot be
+    read: validate_checkpoint_dir and read_checkpoint_config report that)."""
+    try:
+        return read_checkpoint_config(checkpoint_dir)[1]
+    except (OSError, CheckpointError):
+        return None
+
+
+def packed_mode(quantization: dict) -> str:
+    """The --quantize mode that loads a packed checkpoint."""
+    return f"gptq.int{quantization.get('bits')}"
 
 
 def load_state_dict(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
@@ -177,26 +255,26 @@ def load_state_dict(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
 def load_model(checkpoint_dir: Path, config: Optional[Config] = None) -> LLaMA:
     """The model of a checkpoint directory on CPU, its parameters memory-mapped from the file.
 
-    It is built on the meta device (no allocation) and the file's tensors are assigned in place."""
+    It is built on the meta device (no allocation) and the file's tensors are assigned in place;
+    `config` replaces the directory's own."""
     validate_checkpoint_dir(checkpoint_dir)
-    _refuse_packed(checkpoint_dir)
-    config = config or load_config(checkpoint_dir)
+    own, quantization = read_checkpoint_config(checkpoint_dir)
+    if quantization is not None:
+        # packed integer weights fit no float model: only lit_llama.quant.packed.load_packed_model reads them
+        raise CheckpointError(f"{checkpoint_dir} holds {quantization.get('bits')}-bit weights packed by "
+                              f"quantize/gptq.py: load it with --quantize {packed_mode(quantization)}")
+    return build_model(checkpoint_dir, config or own)
+
+
+def build_model(checkpoint_dir: Path, config: Config) -> LLaMA:
+    """The float model of `config` with the weights of a directory already validated and whose
+    config was read (load_model does both first)."""
     with torch.device("meta"):
         model = LLaMA(config)
     state_dict = load_state_dict(checkpoint_dir)
     check_state_dict(model, state_dict, checkpoint_dir)
     model.load_state_dict(state_dict, assign=True)
     return model
-
-
-def _refuse_packed(checkpoint_dir: Path) -> None:
-    # packed integer weights fit no float model: only lit_llama.quant.quantization.load_packed_model reads them
-    from lit_llama.quant.quantization import packed_mode, read_quantization
-
-    entry = read_quantization(checkpoint_dir)
-    if entry is not None:
-        raise CheckpointError(f"{checkpoint_dir} holds {entry.get('bits')}-bit weights packed by quantize/gptq.py: "
-                              f"load it with --quantize {packed_mode(entry)}")
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], where) -> None:

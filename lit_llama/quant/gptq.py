@@ -25,7 +25,6 @@ output: "true sequential"), each from inputs computed with the layers before it 
 the quantized block's outputs are the next block's inputs.
 """
 
-import json
 import random
 import sys
 import time
@@ -35,10 +34,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from pydoc_data.topics import topics  # the default calibration text (standard library)
 
+from lit_llama.data.instruction import load_instruction_data
+from lit_llama.io.checkpoint import (ShardedWriter, copy_tokenizer_files, load_model, read_quantization,
+                                     release_mapped_pages, validate_checkpoint_dir, write_config)
 from lit_llama.model import rope_cos_sin
-from lit_llama.quant.quantization import HEAD_BITS, PackedLinear, check_packed_shape, dequantize_ints, unpermute_columns
-from lit_llama.utils import UserError
+from lit_llama.quant.packed import HEAD_BITS, PackedLinear, check_packed_shape, dequantize_ints, unpermute_columns
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import UserError, atomic_dir
 
 # the linear layers of a block in the order the data reaches them; layers of one entry share inputs
 SEQUENTIAL = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc1", "mlp.c_fc2"), ("mlp.c_proj",))
@@ -222,8 +226,6 @@ def _quantize_batch(W1: torch.Tensor, Q1: torch.Tensor, U1: torch.Tensor, scale:
 
 def default_calibration_text() -> str:
     """Python's own reference documentation (pydoc_data.topics): English prose with code, offline."""
-    from pydoc_data.topics import topics
-
     return "\n\n".join(topics.values())
 
 
@@ -234,8 +236,6 @@ def calibration_tokens(tokenizer, text_file: Optional[Path] = None, data_dir: Op
     if text_file is not None and data_dir is not None:
         raise UserError("pass --text_file or --data_dir, not both")
     if data_dir is not None:
-        from lit_llama.data.instruction import load_instruction_data
-
         train, _, _ = load_instruction_data(data_dir, checkpoint_dir)
         return torch.cat([torch.as_tensor(e["input_ids"]) for e in train])
     if text_file is not None:
@@ -421,8 +421,6 @@ def quantize_model(model: nn.Module, windows: Optional[torch.Tensor], settings: 
     settings.head_bits. Each block is moved to `device` in `dtype` while it is quantized, then
     emptied (moved to the meta device): `model` is used up. `windows` (nsamples, seqlen) are the
     calibration token ids (None for RTN)."""
-    from lit_llama.quant.quantization import release_mapped_pages
-
     inputs, rope = calibration_inputs(model, windows, device, dtype) if settings.method == "gptq" else (None, None)
     n = len(model.transformer.h)
     for i, block in enumerate(model.transformer.h):
@@ -449,9 +447,6 @@ def quantize_checkpoint(checkpoint_dir: Path, output_dir: Path, settings: GPTQSe
                         seqlen: Optional[int] = None, seed: int = 0, device: Optional[str] = None) -> None:
     """What quantize/gptq.py does: quantize a float checkpoint directory into a packed one, written
     atomically, with a `quantization` entry in its lit_config.json and the tokenizer files."""
-    from lit_llama.io.checkpoint import CONFIG_FILE, ShardedWriter, copy_tokenizer_files, load_model, validate_checkpoint_dir
-    from lit_llama.quant.quantization import read_quantization
-    from lit_llama.utils import atomic_dir
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     validate_checkpoint_dir(checkpoint_dir)
@@ -471,8 +466,6 @@ def quantize_checkpoint(checkpoint_dir: Path, output_dir: Path, settings: GPTQSe
         seqlen = seqlen or min(2048, model.config.block_size)
         if seqlen > model.config.block_size:
             raise UserError(f"--seqlen {seqlen} is longer than the model's context ({model.config.block_size})")
-        from lit_llama.tokenizer import Tokenizer
-
         tokens = calibration_tokens(Tokenizer(checkpoint_dir), text_file, data_dir, checkpoint_dir)
         windows = sample_windows(tokens, nsamples, seqlen, seed)
         source = str(text_file or data_dir or "pydoc_data.topics")
@@ -490,6 +483,5 @@ def quantize_checkpoint(checkpoint_dir: Path, output_dir: Path, settings: GPTQSe
             for k, v in state.items():
                 writer.add(k, v)
         writer.close()
-        config = {**model.config.asdict(), "quantization": entry}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        write_config(tmp, model.config, quantization=entry)
         copy_tokenizer_files(checkpoint_dir, tmp)
