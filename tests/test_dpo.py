@@ -161,7 +161,7 @@ def prefs_dir(tmp_path_factory, tiny_ckpt):  # noqa: F811
     root = tmp_path_factory.mktemp("dpo-prefs")
     r = run_script("scripts/prepare_preferences.py", "--data_file_path", write_jsonl(root / "p.jsonl", make_pairs(96)),
                    "--checkpoint_dir", tiny_ckpt, "--destination_path", root / "data", "--max_seq_length", "64",
-                   "--val_split_fraction", "0.17")
+                   "--val_fraction", "0.17")
     assert r.returncode == 0, r.stderr
     return root / "data"
 
