@@ -16,6 +16,12 @@ from pathlib import Path
 
 import torch
 
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, load_model
+from lit_llama.io.default_model import GGUF_NAME, cache_dir
+from lit_llama.peft.lora import LoRAConfig, add_lora
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.train.loop import loss_fn
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,19 +29,12 @@ def token_windows(n: int, seq_len: int) -> torch.Tensor:
     """Windows of seq_len + 1 tokens of Python's own documentation text (offline English)."""
     import pydoc_data.topics
 
-    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
-    from lit_llama.tokenizer import Tokenizer
-
     text = "\n\n".join(pydoc_data.topics.topics.values())
     ids = Tokenizer(ROOT / DEFAULT_CHECKPOINT_DIR).encode(text[:2_000_000])
     return ids[: n * (seq_len + 1)].view(n, seq_len + 1)
 
 
 def ours(batches):
-    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, load_model
-    from lit_llama.peft.lora import LoRAConfig, add_lora
-    from lit_llama.train.loop import loss_fn
-
     model = add_lora(load_model(ROOT / DEFAULT_CHECKPOINT_DIR), LoRAConfig()).train()
     return model, lambda x, y: loss_fn(model(x), y)
 
@@ -43,8 +42,6 @@ def ours(batches):
 def peft(batches):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from lit_llama.io.default_model import GGUF_NAME, cache_dir
 
     hf = AutoModelForCausalLM.from_pretrained(cache_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
     hf.config.use_cache = False

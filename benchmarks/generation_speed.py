@@ -38,6 +38,15 @@ from typing import List, Optional
 
 import torch
 
+from lit_llama.infer.generation import compile_decode_step, decode_step, generate, prepare_cache
+from lit_llama.infer.load import load_for_inference
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.convert import HF_NAMES
+from lit_llama.io.export import export_gguf, export_hf, source_tensors
+from lit_llama.model import Config, LLaMA
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WORK = Path(os.environ.get("LIT_LLAMA_BENCH_DIR", ROOT / "out" / "generation_speed"))  # the exports
@@ -55,8 +64,6 @@ N_COMPARE = 32  # greedy tokens compared with lit_llama eager
 
 
 def default_checkpoint() -> Path:
-    from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
-
     return ROOT / DEFAULT_CHECKPOINT_DIR
 
 
@@ -67,8 +74,6 @@ def prompts(batch: int, length: int, vocab_size: int, model: str) -> torch.Tenso
         return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
     import pydoc_data.topics
 
-    from lit_llama.tokenizer import Tokenizer
-
     text = "\n\n".join(pydoc_data.topics.topics.values())[:400_000]
     ids = Tokenizer(default_checkpoint()).encode(text, bos=False)
     return ids[: batch * length].view(batch, length)
@@ -77,8 +82,6 @@ def prompts(batch: int, length: int, vocab_size: int, model: str) -> torch.Tenso
 def exports(checkpoint: Path, systems: List[str]) -> dict:
     """The checkpoint as a Hugging Face folder and F32/F16 GGUF files, as the systems need them,
     written by lit_llama.io.export (again whenever the checkpoint is newer)."""
-    from lit_llama.io.export import export_gguf, export_hf
-
     WORK.mkdir(parents=True, exist_ok=True)
     src = checkpoint / "lit_model.safetensors"
     stamp = src.stat().st_mtime if src.exists() else 0
@@ -100,8 +103,6 @@ def exports(checkpoint: Path, systems: List[str]) -> dict:
 
 def random_lit_model(name: str, device: torch.device, dtype: torch.dtype):
     """A LLaMA of the named shape with random weights (std 0.02), made directly on `device` in `dtype`."""
-    from lit_llama.model import LLaMA, Config
-
     config = Config.from_name(name)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -133,11 +134,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class LitRunner:
     def __init__(self, spec: dict, device: torch.device, compile: bool):
-        from lit_llama.infer.generation import compile_decode_step, decode_step
-
         if spec["model"] == "embedded":
-            from lit_llama.infer.load import load_for_inference
-
             # what generate.py runs: the same loading (and CPU weight layout)
             _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), "32-true", compile=compile)
         else:
@@ -147,8 +144,6 @@ class LitRunner:
 
     @torch.inference_mode()
     def run(self, prompt: torch.Tensor, new_tokens: int):
-        from lit_llama.infer.generation import generate, prepare_cache
-
         prompt = prompt.to(self.device)
         B, T = prompt.shape
         if B == 1:
@@ -196,9 +191,6 @@ class HFRunner:
     def _from_random(spec: dict, device: torch.device):
         """transformers' model with exactly the random lit_llama model's weights (the export mapping)."""
         from transformers import LlamaConfig, LlamaForCausalLM
-
-        from lit_llama.io.convert import HF_NAMES
-        from lit_llama.io.export import source_tensors
 
         dtype = getattr(torch, spec["dtype"])
         lit = random_lit_model(spec["model"].split(":", 1)[1], device, dtype)
@@ -380,8 +372,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 def bytes_per_token(model_name: str, dtype: torch.dtype, position: float) -> float:
     """Bytes a decode step must read at batch 1: every weight but the embedding table (one row of it),
     and the keys and values of `position` earlier tokens."""
-    from lit_llama.model import Config
-
     c = Config.from_name(model_name)
     size = torch.empty((), dtype=dtype).element_size()
     hs, kv = c.head_size, c.n_query_groups * c.head_size
@@ -397,8 +387,6 @@ def bytes_per_token(model_name: str, dtype: torch.dtype, position: float) -> flo
 def profile(spec: dict, steps: int = 1, compile: bool = False) -> None:
     """torch.profiler tables of `steps` lit_llama decode step(s) at position prompt_tokens + new_tokens/2."""
     from torch.profiler import ProfilerActivity, profile as tprofile
-
-    from lit_llama.infer.generation import prepare_cache
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -444,7 +432,7 @@ def make_table(results: List[dict], failures: dict, spec: dict, batch_sizes: Lis
     by = {(r["system"], r["batch"]): r for r in results}
     systems = [s for s in spec["systems"] if (s, 1) in by or any((s, b) in by for b in batch_sizes)]
     ref_tokens = by.get(("lit_llama", 1), {}).get("tokens")
-    P, N = spec["prompt_tokens"], spec["new_tokens"]
+    P = spec["prompt_tokens"]
     mem = "peak GPU memory (GB)" if spec["device"] == "cuda" else "peak RSS (GB)"
     head = ["system", f"prefill tok/s ({P})", "TTFT (s)"] + [f"decode tok/s b={b}" for b in batch_sizes] + \
            [mem, "first run (s)", f"same {N_COMPARE} greedy tokens"]
@@ -541,8 +529,6 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
             "repeats": repeats, "model": model, "dtype": "float32" if device == "cpu" else "bfloat16",
             "checkpoint": str(default_checkpoint()), "systems": systems}
     if model == "embedded":
-        from lit_llama.utils import UserError
-
         try:
             spec["exports"] = exports(default_checkpoint(), systems)
         except UserError as e:

@@ -20,11 +20,13 @@ its row says so.
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+
+from lit_llama.model import Config, LLaMA
+from lit_llama.train.loop import flops_per_token, peak_flops
 
 PRESETS = {
     # a small LLaMA that a 2-core CPU steps through in about a second
@@ -37,15 +39,11 @@ PRESETS = {
 
 
 def lit_config(p: dict):
-    from lit_llama.model import Config
-
     keys = ("n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "vocab_size", "block_size")
     return Config(name="bench", padding_multiple=1, **{k: p[k] for k in keys if p.get(k) is not None})
 
 
 def build_lit_llama(c):
-    from lit_llama.model import LLaMA
-
     return LLaMA(c)
 
 
@@ -134,8 +132,6 @@ def main(preset: str = "small", device: str = "cpu", precision: str = "32-true",
         compile: torch.compile each model.
         threads: torch CPU threads (default: torch's).
     """
-    from lit_llama.train.loop import flops_per_token, peak_flops
-
     if threads:
         torch.set_num_threads(threads)
     p = dict(PRESETS[preset])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files
+from lit_llama.quant.gptq import default_calibration_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +47,6 @@ ROWS = [
 
 
 def split_text(out_dir: Path) -> tuple:
-    from lit_llama.quant.gptq import default_calibration_text
-
     text = default_calibration_text()
     half = len(text) // 2
     calib, evaluation = out_dir / "calibration.txt", out_dir / "evaluation.txt"

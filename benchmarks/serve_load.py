@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.default_model import GGUF_NAME, cache_dir
+from lit_llama.quant.gptq import default_calibration_text
 from lit_llama.utils import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,8 +126,6 @@ def start_server(args: List[str], threads: Optional[int], port: int):
 
 def long_document(tokens: int = 1500) -> str:
     """About `tokens` tokens of English (Python's reference documentation) for the prefix test."""
-    from lit_llama.quant.gptq import default_calibration_text
-
     return default_calibration_text()[: tokens * 4]
 
 
@@ -196,8 +196,6 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, max_tokens: int = 32, re
         threads: OMP_NUM_THREADS for serve.py and --n_threads for llama.cpp (default: all cores).
         write: write the tables into docs/benchmarks.md.
     """
-    from lit_llama.io.default_model import GGUF_NAME, cache_dir
-
     levels_ = [int(x) for x in levels.split(",")]
     names = [n.strip() for n in servers.split(",")]
     unknown = [n for n in names if n not in SERVERS]

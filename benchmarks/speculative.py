@@ -20,12 +20,14 @@ from typing import Optional
 
 import torch
 
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.infer.engine import Engine, Request, SamplingParams
 from lit_llama.infer.load import load_for_inference
-from lit_llama.quant.gptq import rtn
-from lit_llama.model import LLaMA
 from lit_llama.infer.speculative import DraftModel, PromptLookup
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.default_model import GGUF_NAME, cache_dir
+from lit_llama.model import LLaMA
+from lit_llama.quant.gptq import rtn
+from lit_llama.templates import ChatFormat, get_template
 from lit_llama.utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +124,6 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, new_tokens: int = 200, d
         llama_cpp: also run llama.cpp with and without prompt lookup.
         write: write the table into docs/benchmarks.md.
     """
-    from lit_llama.templates import ChatFormat, get_template
-
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
@@ -140,8 +140,6 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, new_tokens: int = 200, d
         results[label] = run_lit(model, tokenizer, prompts, new_tokens, drafter, draft_tokens, compile)
     base = {label: configs[0][0] if "eager" in label else "lit_llama compiled" for label in results}
     if llama_cpp and Path(checkpoint_dir).resolve() == (ROOT / DEFAULT_CHECKPOINT_DIR).resolve():
-        from lit_llama.io.default_model import GGUF_NAME, cache_dir
-
         for label, lookup in (("llama.cpp Q4_1", False), ("llama.cpp Q4_1 + prompt lookup", True)):
             print(f"{label} ...", file=sys.stderr, flush=True)
             results[label] = run_llama_cpp(cache_dir() / GGUF_NAME, prompts, new_tokens, draft_tokens, lookup,

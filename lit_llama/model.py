@@ -7,7 +7,7 @@ embeddings and a preallocated KV cache for generation. Names follow nanoGPT / th
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn

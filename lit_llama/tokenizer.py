@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from lit_llama.templates import render_jinja
 from lit_llama.utils import UserError
 
 
@@ -144,8 +145,6 @@ class Tokenizer:
         template, in a sandbox, with the same options and globals as transformers."""
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template")
-        from lit_llama.templates import render_jinja
-
         return render_jinja(self.chat_template, messages, add_generation_prompt,
                             **{**self.template_variables(), **kwargs})
 

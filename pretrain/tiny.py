@@ -8,7 +8,7 @@ from typing import Optional
 
 from pydoc_data.topics import topics
 
-from lit_llama.data.packed import prepare_text_folder, train_tokenizer
+from lit_llama.data.corpus import prepare_text_folder, train_tokenizer
 from lit_llama.train.loop import TrainArgs
 from lit_llama.train.setup import pretrain
 from lit_llama.utils import UserError, run_cli

@@ -9,7 +9,9 @@ assistant's turns only:
 
 from pathlib import Path
 
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.data.chat import prepare_chat_data, read_dialogues
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, validate_checkpoint_dir
+from lit_llama.templates import check_template_name
 from lit_llama.utils import run_cli
 
 
@@ -40,10 +42,6 @@ def main(
         val_fraction: fraction of dialogues held out for validation.
         seed: seed of the shuffle before the split.
     """
-    from lit_llama.data.chat import prepare_chat_data, read_dialogues
-    from lit_llama.io.checkpoint import validate_checkpoint_dir
-    from lit_llama.templates import check_template_name
-
     check_template_name(template)
     validate_checkpoint_dir(checkpoint_dir)
     prepare_chat_data(read_dialogues(data_file_path), checkpoint_dir, destination_path, template, max_seq_length,

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Dict, Optional
 
-from lit_llama.data.packed import prepare_mix
+from lit_llama.data.corpus import prepare_mix
 from lit_llama.utils import run_cli
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
-from lit_llama.data.packed import prepare_text_folder
+from lit_llama.data.corpus import prepare_text_folder
 from lit_llama.utils import run_cli
 
 

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 
+from lit_llama.align.self_chat import SelfChat, pending_seeds, read_seeds, run_self_chat
+from lit_llama.infer.generation import check_sampling_args
+from lit_llama.infer.load import load_chat_model, load_for_inference
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.templates import get_template
 from lit_llama.utils import UserError, run_cli
 
 
@@ -63,9 +67,6 @@ def main(
         limit: use only the first `limit` seeds of the file.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
     """
-    from lit_llama.infer.generation import check_sampling_args
-    from lit_llama.align.self_chat import SelfChat, pending_seeds, read_seeds, run_self_chat
-
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if max_turns < 1:
         raise UserError(f"--max_turns must be at least 1, got {max_turns}")
@@ -94,9 +95,6 @@ def main(
 
 def load(checkpoint_dir: Path, template: Optional[str], lora_path: Optional[Path], precision: Optional[str]):
     """(fabric, model, tokenizer, ChatFormat or None for "none")."""
-    from lit_llama.infer.load import load_chat_model, load_for_inference
-    from lit_llama.templates import get_template
-
     if template == "none":
         if lora_path is not None and not Path(lora_path).exists():
             raise UserError(f"{lora_path} does not exist")

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Literal, Optional
 
 
+from lit_llama.align.reward import load_reward_model, score
+from lit_llama.align.self_chat import read_seeds, reward_texts, run_self_distill, sample_answers
+from lit_llama.infer.generation import check_sampling_args
+from lit_llama.infer.load import load_chat_model
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.templates import get_template
+from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError, run_cli
 
 
@@ -65,9 +71,6 @@ def main(
         keep_samples: also write every sample with its score.
         precision: a Fabric precision (default bf16-true on GPUs that support it, 32-true on CPU).
     """
-    from lit_llama.infer.generation import check_sampling_args
-    from lit_llama.align.self_chat import read_seeds
-
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {num_samples}")
@@ -87,17 +90,10 @@ def main(
 def run(prompts, output_path, checkpoint_dir, lora_path, template, reward_path, reward_checkpoint_dir, reward_format,
         num_samples, max_new_tokens, temperature, top_k, top_p, seed, keep_samples, precision, scorer=None):
     """Load the models and distil. `scorer(texts) -> scores` replaces the reward model (tests)."""
-    from lit_llama.infer.load import load_chat_model
-    from lit_llama.templates import get_template
-    from lit_llama.align.self_chat import reward_texts, run_self_distill, sample_answers
-
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading
     fabric, model, tokenizer, fmt, _ = load_chat_model(checkpoint_dir, precision, lora_path, None, template)
     if scorer is None:
-        from lit_llama.align.reward import load_reward_model, score
-        from lit_llama.tokenizer import Tokenizer
-
         reward_dir = reward_checkpoint_dir or checkpoint_dir
         reward_model = load_reward_model(reward_dir, reward_path, fabric.device)
         reward_tokenizer = Tokenizer(reward_dir)

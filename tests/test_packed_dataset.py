@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from lit_llama.data import packed as pd
+from lit_llama.data import corpus, packed as pd
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
 
@@ -21,12 +21,12 @@ def make_documents(n: int, seed: int = 0) -> list:
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory):
     """A 320-token byte-level BPE tokenizer directory (EOS <|endoftext|>): tiny models stay tiny."""
-    return pd.train_tokenizer(make_documents(200, seed=1), tmp_path_factory.mktemp("tok") / "tokenizer", 320)
+    return corpus.train_tokenizer(make_documents(200, seed=1), tmp_path_factory.mktemp("tok") / "tokenizer", 320)
 
 
 @pytest.fixture(scope="session")
 def other_tokenizer(tmp_path_factory):
-    return pd.train_tokenizer(make_documents(200, seed=2), tmp_path_factory.mktemp("tok2") / "tokenizer", 300)
+    return corpus.train_tokenizer(make_documents(200, seed=2), tmp_path_factory.mktemp("tok2") / "tokenizer", 300)
 
 
 def write_corpus(folder, docs):
@@ -148,10 +148,10 @@ def test_prepare_text_files(tmp_path, small_tokenizer, monkeypatch):
     assert len(val_texts) == 4  # every tenth document
     assert sorted(t.removesuffix("<|endoftext|>") for t in texts + val_texts) == sorted(docs)
     # the same shards whatever the number of processes and however the JSONL files are cut
-    monkeypatch.setattr(pd, "TASK_BYTES", 200)
-    assert len(pd.split_tasks([src / "rest.jsonl"])) > 3
-    files = pd.find_text_files(src)
-    pd.prepare_corpus(files, small_tokenizer, tmp_path / "one", 15, 4, 0.1, num_workers=1)
+    monkeypatch.setattr(corpus, "TASK_BYTES", 200)
+    assert len(corpus.split_tasks([src / "rest.jsonl"])) > 3
+    files = corpus.find_text_files(src)
+    corpus.prepare_corpus(files, small_tokenizer, tmp_path / "one", 15, 4, 0.1, num_workers=1)
     for split in ("train", "val"):
         assert np.array_equal(read_split(tmp_path / "one" / split), read_split(tmp_path / "out" / split))
 

@@ -8,7 +8,7 @@ bypassed (`lora_disabled`), so no second copy of the weights is held. For a pair
 where each log-probability is the sum over the answer's tokens only (the prompt is masked).
 """
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn

@@ -16,16 +16,18 @@ The policy is the base LLaMA plus LoRA (lit_llama/peft/lora.py) plus a linear va
 reference is the same model with the LoRA branch switched off, so there is one copy of the base
 weights. Prompts are left-padded into one batch: each row gets its own rotary positions and an
 attention mask that hides its padding, so batched generation equals one-at-a-time generation.
+
+Why one file: the steps above share the rollout tensors and their masks; split, each piece would be
+read only beside the others.
 """
 
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lit_llama.align.preference import load_preference_data, stackllama_prompt
 from lit_llama.data.records import read_records

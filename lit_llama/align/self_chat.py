@@ -13,6 +13,9 @@ is kept, as a one-exchange dialogue that scripts/prepare_chat.py takes.
 
 The output files are JSONL, appended one flushed line per seed, so that a rerun resumes: seeds
 already written (kept or rejected) are skipped, and a trailing line cut short by a kill is dropped.
+
+Why one file: self-chat and self-distillation share the seeds, the filters and the resumable JSONL
+output.
 """
 
 import json

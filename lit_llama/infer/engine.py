@@ -19,6 +19,9 @@ step is compiled for a few batch sizes (powers of two up to max_batch_size) and 
 of two from 256), so a bounded number of graphs serves every mix of requests. Unused rows of a
 compiled batch decode a dummy token written to the scratch position max_seq_length, which no real
 query reads.
+
+Why one file: the row bookkeeping, the prefix cache and the batched step change together (a row's
+tokens, its cache and its position must agree).
 """
 
 import itertools

@@ -11,12 +11,12 @@ import mmap
 import struct
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from lit_llama.model import Config, LLaMA
-from lit_llama.utils import UserError
+from lit_llama.utils import UserError, atomic_dir, atomic_file
 
 CONFIG_FILE = "lit_config.json"
 # the lit_config.json entry of a packed checkpoint: bits, groupsize, act_order, method, and optional
@@ -318,8 +318,6 @@ def save_checkpoint(out_dir: Path, model: LLaMA, tokenizer_dir: Optional[Path] =
                     state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Write `model` (or `state_dict` for model's config) as a checkpoint directory, atomically,
     copying the tokenizer files."""
-    from lit_llama.utils import atomic_dir
-
     with atomic_dir(out_dir) as tmp:
         writer = ShardedWriter(tmp)
         for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
@@ -345,8 +343,6 @@ def save_weights_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: di
     """A safetensors file of a few tensors plus a JSON `metadata` dict (e.g. the LoRA config),
     written atomically."""
     from safetensors.torch import save_file
-
-    from lit_llama.utils import atomic_file
 
     with atomic_file(Path(path)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),

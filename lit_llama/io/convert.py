@@ -7,12 +7,13 @@ layer, not a model. GGUF files reuse the same path (`lit_llama/io/gguf.py`).
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from lit_llama.io.checkpoint import ShardedWriter, copy_tokenizer_files, torch_load, load_safetensors, write_config
 from lit_llama.model import Config
+from lit_llama.templates import check_template_name, save_template_name
 from lit_llama.utils import UserError, atomic_dir
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "ffn_norm")
@@ -179,8 +180,6 @@ def hf_weights(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
 def record_template(tmp: Path, template: Optional[str]) -> None:
     """Write the chat template's name into the new checkpoint (lit_template.json), if one is given."""
     if template is not None:
-        from lit_llama.templates import save_template_name
-
         save_template_name(tmp, template)
 
 
@@ -189,8 +188,6 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optiona
     """The chat template travels in tokenizer_config.json / chat_template.jinja; `template` records a
     built-in one's name instead (for models whose folder has none)."""
     if template is not None:
-        from lit_llama.templates import check_template_name
-
         check_template_name(template)
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -236,8 +233,6 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
     """Meta's folders carry no chat template: `template` records one (lit_template.json); by default a
     Llama 2 chat folder (its name has "chat", as Meta names them: llama-2-7b-chat) gets "llama-2"."""
     if template is not None:
-        from lit_llama.templates import check_template_name
-
         check_template_name(template)
     checkpoint_dir = Path(checkpoint_dir)
     params_path = checkpoint_dir / "params.json"

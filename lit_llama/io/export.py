@@ -13,6 +13,9 @@ norms F32; the tokenizer (`gpt2` BPE from `tokenizer.json`, or `llama` SentenceP
 
 Hugging Face: a `LlamaForCausalLM` folder (config.json, model.safetensors, or shards with an index)
 plus tokenizer files and generation_config.json, loadable by `from_pretrained`.
+
+Why one file: both exports walk the same `source_tensors` list and write the same way; the GGUF and
+Hugging Face halves are sections below.
 """
 
 import json
@@ -25,9 +28,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from lit_llama.io.checkpoint import load_model
 from lit_llama.io.convert import HF_NAMES
 from lit_llama.io.gguf import GGUF_NAMES
 from lit_llama.model import Config
+from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError, atomic_dir, atomic_file
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -85,9 +90,6 @@ def source_tensors(config: Config, sd: Dict[str, torch.Tensor]) -> List[Source]:
 
 def load_checkpoint(checkpoint_dir: Path):
     """(config, state dict, tokenizer) of a checkpoint directory, checked, weights memory-mapped."""
-    from lit_llama.io.checkpoint import load_model
-    from lit_llama.tokenizer import Tokenizer
-
     model = load_model(checkpoint_dir)  # names every missing file, wrong shape, truncated weights
     tokenizer = Tokenizer(checkpoint_dir)
     return model.config, model.state_dict(), tokenizer

@@ -14,8 +14,9 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from lit_llama.io.convert import lit_tensors, parse_dtype, write_checkpoint
+from lit_llama.io.convert import lit_tensors, parse_dtype, record_template, write_checkpoint
 from lit_llama.model import Config
+from lit_llama.templates import check_template_name
 from lit_llama.utils import UserError
 
 GGUF_NAMES = {
@@ -100,11 +101,7 @@ def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[s
                             template: Optional[str] = None) -> None:
     """The file's chat template (tokenizer.chat_template) goes into tokenizer_config.json; `template`
     records a built-in one's name (lit_template.json) for files that have none."""
-    from lit_llama.io.convert import record_template
-
     if template is not None:
-        from lit_llama.templates import check_template_name
-
         check_template_name(template)
     reader = read_gguf(gguf_path)
     meta = gguf_metadata(reader)

@@ -23,6 +23,9 @@ block is on the device): the calibration windows' hidden states enter a block; w
 are quantized in the order the data flows (attention input, attention output, MLP input, MLP
 output: "true sequential"), each from inputs computed with the layers before it already quantized;
 the quantized block's outputs are the next block's inputs.
+
+Why one file: the algorithm above, the calibration data it needs and the layer-by-layer driver are
+one procedure, in the paper's order.
 """
 
 import random

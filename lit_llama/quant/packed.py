@@ -114,6 +114,7 @@ def _triton_matmul(x: torch.Tensor, layer: "PackedLinear") -> Optional[torch.Ten
     if _triton_failed:
         return None
     try:
+        # kernels.py imports triton at its top, an optional (CUDA-only) dependency
         from lit_llama.quant.kernels import packed_matmul
 
         return packed_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.bits, layer.groupsize)

@@ -6,6 +6,9 @@ every running request's next token in one batch and hands text pieces back to ea
 asyncio queue, so concurrent clients never see each other's tokens. A client that goes away
 (mid-stream, or while waiting) cancels its request: the engine drops it from the queue or frees its
 row at the next step.
+
+Why one file: the request schema, the jobs and the routes are one contract with the client, read
+together when a field or an error changes.
 """
 
 import asyncio
@@ -18,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lit_llama.infer.engine import Engine, EngineFull, Request, SamplingParams
