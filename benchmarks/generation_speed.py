@@ -10,6 +10,9 @@ same thread count:
   Face folder written by lit_llama.io.export from the checkpoint;
 - llama.cpp through llama-cpp-python, on F32 and F16 GGUF files written by lit_llama.io.export from the
   same checkpoint (F32 with a float32 KV cache, F16 with llama.cpp's default float16 cache).
+- quantized: lit_llama's weight-only int8 and int4 (groups of 32, `--quantize int8|int4`, eager and
+  compiled) and bf16 (`--precision bf16-true`, compiled) against llama.cpp's Q8_0 and Q4_0, quantized
+  by llama.cpp itself (`llama_model_quantize`) from the F32 file, and the embedded Q4_1 file as shipped.
 
 For each it measures time to first token (prefill of a 512-token prompt + first token), prefill
 tokens/s (prompt tokens / TTFT), decode tokens/s (256 new tokens, greedy, batch 1 and batch 8, the
@@ -17,7 +20,7 @@ latter counting all 8 rows) and peak RSS, each (system, batch size) in its own p
 over repeated runs after a warm-up run; then the ratio of every system's decode speed to every other,
 and whether its first 32 greedy tokens equal lit_llama eager's. The table goes into docs/benchmarks.md.
 
-    python benchmarks/generation_speed.py                 # the full CPU table (~15 min on 2 cores)
+    python benchmarks/generation_speed.py                 # the full CPU table (~35 min on 2 cores)
     python benchmarks/generation_speed.py --profile true  # torch.profiler table of one decode step
 
 GPU mode (`--device cuda`): a random model of LLaMA-7B's shape in bf16 (no download), lit_llama eager
@@ -38,10 +41,12 @@ from typing import List, Optional
 
 import torch
 
+from lit_llama.eval.perplexity import weights_bytes
 from lit_llama.infer.generation import compile_decode_step, decode_step, generate, prepare_cache
 from lit_llama.infer.load import load_for_inference
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.io.convert import HF_NAMES
+from lit_llama.io.default_model import GGUF_NAME, cache_dir
 from lit_llama.io.export import export_gguf, export_hf, source_tensors
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
@@ -52,11 +57,21 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LIT_LLAMA_BENCH_DIR", ROOT / "out" / "generation_speed"))  # the exports
 CPU_SYSTEMS = ["lit_llama", "lit_llama_compile", "transformers", "transformers_static_compile",
                "llama_cpp_f32", "llama_cpp_f16"]
+# weight-only quantized and bf16 rows (issue 17), against llama.cpp on the same weights quantized by
+# llama.cpp itself from the F32 file (Q8_0, Q4_0) and on the file as shipped (Q4_1)
+QUANT_SYSTEMS = ["lit_llama_int8", "lit_llama_int8_compile", "lit_llama_int4", "lit_llama_int4_compile",
+                 "lit_llama_bf16_compile", "llama_cpp_q8_0", "llama_cpp_q4_0", "llama_cpp_q4_1"]
+ALL_SYSTEMS = CPU_SYSTEMS + QUANT_SYSTEMS
 GPU_SYSTEMS = ["lit_llama", "lit_llama_compile", "transformers", "transformers_static_compile"]
 LABELS = {"lit_llama": "lit_llama (eager)", "lit_llama_compile": "lit_llama (compile)",
           "transformers": "transformers (sdpa, dynamic cache)",
           "transformers_static_compile": "transformers (sdpa, static cache + compile)",
-          "llama_cpp_f32": "llama.cpp F32", "llama_cpp_f16": "llama.cpp F16"}
+          "llama_cpp_f32": "llama.cpp F32", "llama_cpp_f16": "llama.cpp F16",
+          "lit_llama_int8": "lit_llama int8 (eager)", "lit_llama_int8_compile": "lit_llama int8 (compile)",
+          "lit_llama_int4": "lit_llama int4 g32 (eager)", "lit_llama_int4_compile": "lit_llama int4 g32 (compile)",
+          "lit_llama_bf16_compile": "lit_llama bf16 (compile)", "llama_cpp_q8_0": "llama.cpp Q8_0",
+          "llama_cpp_q4_0": "llama.cpp Q4_0", "llama_cpp_q4_1": "llama.cpp Q4_1 (as shipped)"}
+LLAMA_CPP_QUANT = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 N_COMPARE = 32  # greedy tokens compared with lit_llama eager
 
 
@@ -85,10 +100,14 @@ def exports(checkpoint: Path, systems: List[str]) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     src = checkpoint / "lit_model.safetensors"
     stamp = src.stat().st_mtime if src.exists() else 0
-    paths = {"hf": WORK / "hf", "f32": WORK / "model-f32.gguf", "f16": WORK / "model-f16.gguf"}
+    paths = {"hf": WORK / "hf", "f32": WORK / "model-f32.gguf", "f16": WORK / "model-f16.gguf",
+             "q8_0": WORK / "model-q8_0.gguf", "q4_0": WORK / "model-q4_0.gguf"}
     needed = {"hf"} if any(s.startswith("transformers") for s in systems) else set()
-    needed |= {s.rsplit("_", 1)[1] for s in systems if s.startswith("llama_cpp")}
-    for kind, path in paths.items():
+    needed |= {s[len("llama_cpp_"):] for s in systems if s.startswith("llama_cpp")} - {"q4_1"}
+    if needed & set(LLAMA_CPP_QUANT):
+        needed.add("f32")  # llama.cpp quantizes from it
+    for kind in ("hf", "f32", "f16", "q8_0", "q4_0"):
+        path = paths[kind]
         if kind not in needed:
             continue
         marker = path / "config.json" if kind == "hf" else path
@@ -96,9 +115,27 @@ def exports(checkpoint: Path, systems: List[str]) -> dict:
             continue
         if kind == "hf":
             export_hf(checkpoint, path)
+        elif kind in LLAMA_CPP_QUANT:
+            llama_cpp_quantize(paths["f32"], path, kind)
         else:
             export_gguf(checkpoint, path, kind)
-    return {k: str(v) for k, v in paths.items()}
+    out = {k: str(v) for k, v in paths.items()}
+    out["q4_1"] = str(cache_dir() / GGUF_NAME)  # the embedded model's file as shipped
+    return out
+
+
+def llama_cpp_quantize(src: Path, dst: Path, kind: str) -> None:
+    """`dst`, the F32 GGUF quantized by llama.cpp's own quantizer to `kind` (its defaults: the
+    output tensor at higher precision, as `llama-quantize` does)."""
+    import llama_cpp as lc
+
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, LLAMA_CPP_QUANT[kind])
+    params.nthread = len(os.sched_getaffinity(0))
+    tmp = dst.with_suffix(".tmp")
+    if lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+        raise UserError(f"llama.cpp could not quantize {src} to {kind}")
+    tmp.rename(dst)
 
 
 def random_lit_model(name: str, device: torch.device, dtype: torch.dtype):
@@ -133,10 +170,12 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class LitRunner:
-    def __init__(self, spec: dict, device: torch.device, compile: bool):
+    def __init__(self, spec: dict, device: torch.device, compile: bool, quantize: Optional[str] = None,
+                 precision: str = "32-true"):
         if spec["model"] == "embedded":
             # what generate.py runs: the same loading (and CPU weight layout)
-            _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), "32-true", compile=compile)
+            _, self.model, _ = load_for_inference(Path(spec["checkpoint"]), precision, quantize=quantize,
+                                                  compile=compile)
         else:
             self.model = random_lit_model(spec["model"].split(":", 1)[1], device, getattr(torch, spec["dtype"]))
         self.device = device
@@ -327,15 +366,21 @@ def run_system(spec: dict) -> dict:
     device = torch.device(spec["device"])
     system, B, P, N = spec["system"], spec["batch"], spec["prompt_tokens"], spec["new_tokens"]
     t_load = time.perf_counter()
+    weights = None
     if system.startswith("lit_llama"):
-        runner = LitRunner(spec, device, compile=system.endswith("compile"))
+        kind = system[len("lit_llama"):].replace("_compile", "").strip("_")
+        runner = LitRunner(spec, device, compile=system.endswith("compile"),
+                           quantize=kind if kind in ("int8", "int4") else None,
+                           precision="bf16-true" if kind == "bf16" else "32-true")
         vocab = runner.model.config.vocab_size
+        weights = weights_bytes(runner.model)
     elif system.startswith("transformers"):
         runner = HFRunner(spec, device, static_compile=system.endswith("compile"))
         vocab = runner.model.config.vocab_size
     else:
-        runner = LlamaCppRunner(spec, system.rsplit("_", 1)[1], B, P + N)
+        runner = LlamaCppRunner(spec, system[len("llama_cpp_"):], B, P + N)
         vocab = runner.n_vocab
+        weights = runner.lc.llama_model_size(runner.model)
     load_s = time.perf_counter() - t_load
     prompt = prompts(B, P, vocab, spec["model"])
     t = time.perf_counter()
@@ -348,7 +393,8 @@ def run_system(spec: dict) -> dict:
         runner.close()
     return {"system": system, "batch": B, "ttft_s": statistics.median(ttfts), "prefill_tok_s": B * P / statistics.median(ttfts),
             "decode_tok_s": B * (N - 1) / statistics.median(decodes), "decode_runs_tok_s": [B * (N - 1) / d for d in decodes],
-            "peak_mem_gb": peak_memory_gb(device), "load_s": load_s, "warmup_s": warmup_s, "tokens": tokens}
+            "peak_mem_gb": peak_memory_gb(device), "load_s": load_s, "warmup_s": warmup_s, "tokens": tokens,
+            "weights_bytes": weights}
 
 
 # ---------------------------------------------------------------- bandwidth bound (GPU mode)
@@ -435,7 +481,7 @@ def make_table(results: List[dict], failures: dict, spec: dict, batch_sizes: Lis
     P = spec["prompt_tokens"]
     mem = "peak GPU memory (GB)" if spec["device"] == "cuda" else "peak RSS (GB)"
     head = ["system", f"prefill tok/s ({P})", "TTFT (s)"] + [f"decode tok/s b={b}" for b in batch_sizes] + \
-           [mem, "first run (s)", f"same {N_COMPARE} greedy tokens"]
+           ["weights (MB)", "weights x tok/s (GB/s)", mem, "first run (s)", f"same {N_COMPARE} greedy tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in systems:
         r1 = by.get((s, 1), {})
@@ -445,7 +491,9 @@ def make_table(results: List[dict], failures: dict, spec: dict, batch_sizes: Lis
         for b in batch_sizes:
             r = by.get((s, b))
             row.append(fmt(r["decode_tok_s"]) if r else ("failed" if (s, b) in failures else "n/a"))
-        row += [fmt(r1.get("peak_mem_gb"), ".2f"), fmt(r1.get("warmup_s"), ".1f"), same]
+        wb = r1.get("weights_bytes")
+        row += [fmt(wb / 1e6 if wb else None, ".0f"), fmt(wb * r1["decode_tok_s"] / 1e9 if wb else None, ".1f"),
+                fmt(r1.get("peak_mem_gb"), ".2f"), fmt(r1.get("warmup_s"), ".1f"), same]
         lines.append("| " + " | ".join(row) + " |")
     # decode speed ratios, row system over column system, at batch 1
     present = [s for s in systems if (s, 1) in by]
@@ -471,7 +519,24 @@ def goals(results: List[dict]) -> List[str]:
     if lit and "llama_cpp_f32" in d:
         r = lit / d["llama_cpp_f32"]
         out.append(f"lit_llama best / llama.cpp F32: {r:.2f}x (target >= 0.8x: {'met' if r >= 0.8 else 'not met'})")
+    # issue 17's: fp32 compiled >= llama.cpp F32, int8 compiled >= Q8_0, int4 >= 0.8x Q4_0
+    for ours, peer, target in (("lit_llama_compile", "llama_cpp_f32", 1.0), ("lit_llama_int8_compile", "llama_cpp_q8_0", 1.0),
+                               ("lit_llama_int4_compile", "llama_cpp_q4_0", 0.8)):
+        if ours in d and peer in d:
+            r = d[ours] / d[peer]
+            out.append(f"{LABELS[ours]} / {LABELS[peer]}: {r:.2f}x (target >= {target}x: {'met' if r >= target else 'not met'})")
     return out
+
+
+def llama_cpp_build() -> str:
+    """Which llama.cpp kernels this build has (scripts/install_llama_cpp.sh leaves AMX out where its
+    quantized kernels crash)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return ""
+    info = llama_cpp.llama_print_system_info().decode().replace("|", ",").strip(" ,")
+    return f"llama.cpp build: {info}" + ("" if "AMX" in info else " (no AMX kernels)") + "."
 
 
 def versions() -> str:
@@ -503,7 +568,10 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
         batch_sizes: batch sizes for decode tokens/s (prefill and TTFT are reported at batch 1).
         repeats: timed runs per (system, batch size) after one warm-up run; medians are reported.
         systems: which systems to run (default: all for the device): lit_llama, lit_llama_compile,
-            transformers, transformers_static_compile, llama_cpp_f32, llama_cpp_f16.
+            transformers, transformers_static_compile, llama_cpp_f32, llama_cpp_f16; quantized and
+            bf16: lit_llama_int8, lit_llama_int8_compile, lit_llama_int4, lit_llama_int4_compile,
+            lit_llama_bf16_compile, llama_cpp_q8_0, llama_cpp_q4_0 (quantized by llama.cpp from the
+            F32 file), llama_cpp_q4_1 (the embedded GGUF as shipped).
         model: `embedded` (the default on CPU) or `random:<config name>` (default on cuda: random:7B).
         profile: print a torch.profiler table of lit_llama decode step(s) instead of benchmarking.
         profile_steps: decode steps inside the profile.
@@ -520,9 +588,9 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
         sys.exit("error: --device cuda but torch sees no CUDA device")
     threads = threads or len(os.sched_getaffinity(0))
     model = model or ("embedded" if device == "cpu" else "random:7B")
-    default_systems = CPU_SYSTEMS if device == "cpu" and model == "embedded" else GPU_SYSTEMS
+    default_systems = ALL_SYSTEMS if device == "cpu" and model == "embedded" else GPU_SYSTEMS
     systems = systems or default_systems
-    unknown = [s for s in systems if s not in CPU_SYSTEMS]
+    unknown = [s for s in systems if s not in ALL_SYSTEMS]
     if unknown or (model != "embedded" and any(s.startswith("llama_cpp") for s in systems)):
         sys.exit(f"error: unknown or unsupported systems {unknown or systems} for model {model}")
     spec = {"device": device, "threads": threads, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
@@ -554,12 +622,15 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
             results.append(r)
             print(f"{system} b={b}: decode {r['decode_tok_s']:.1f} tok/s (runs {', '.join(f'{x:.1f}' for x in r['decode_runs_tok_s'])}), "
                   f"TTFT {r['ttft_s']:.3f} s, {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    name = "SmolLM2-135M-Instruct (embedded), fp32" if model == "embedded" else f"{model} ({spec['dtype']}, random weights)"
+    name = "SmolLM2-135M-Instruct (embedded), fp32 unless the row says otherwise" if model == "embedded" else f"{model} ({spec['dtype']}, random weights)"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     intro = (f"{name}; {threads} threads (load average before the run {load_before}, after {load}); prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy; medians of "
              f"{repeats} runs after a warm-up run, each system and batch size in its own process; {versions()}. "
              "Prefill tok/s = prompt tokens / time to first token; decode tok/s counts every row of the batch. "
-             "llama.cpp F32 uses a float32 KV cache, F16 llama.cpp's default float16 one.")
+             "llama.cpp F32 uses a float32 KV cache, the others llama.cpp's default float16 one. "
+             "Weights: bytes held (lit_llama) or llama.cpp's model size; weights x tok/s approximates the "
+             "bandwidth a decode step achieves (each weight read once per token). "
+             f"{llama_cpp_build()}")
     table = intro + "\n\n" + make_table(results, failures, spec, batch_sizes)
     if device == "cuda" or model != "embedded":
         cfg_name = model.split(":", 1)[1]

@@ -1,6 +1,6 @@
 """Quantization of the embedded SmolLM2-135M-Instruct: perplexity, checkpoint size and peak memory of
 fp32, llm.int8, GPTQ 4-bit g128 (with the embedding / head at 6 bits, 4 bits or float16), RTN
-4-bit g128 and GPTQ 3-bit g128, in one table.
+4-bit g128, GPTQ 3-bit g128 and weight-only int8 / int4 (quantized while loading), in one table.
 
 The text is Python's reference documentation (pydoc_data.topics, offline English): GPTQ calibrates
 on its first half and perplexity is measured on its second half, so no model is scored on the text
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The first GPTQ row is quantize/gptq.py's default (act-order, embedding / head at 6 bits).
 DEFAULT = "GPTQ 4-bit g128 (the default: act-order, 6-bit down projections and head)"
 RTN = "RTN 4-bit g128, 6-bit down projections and head"
+WEIGHT_INT8, WEIGHT_INT4 = "weight-only int8 (per row, int8 head)", "weight-only int4 g32 (int8 head)"
 FLOAT_HEAD = ["--head_bits", "null"]
 ROWS = [
     ("fp32", None, None),
@@ -43,6 +44,10 @@ ROWS = [
     ("GPTQ 3-bit g128, act-order, float16 head", ["--method", "gptq", "--bits", "3", *FLOAT_HEAD], "gptq.int3"),
     ("GPTQ 4-bit g128, act-order, 4-bit down projections, 6-bit head", ["--method", "gptq", "--bits", "4",
                                                                         "--down_bits", "null"], "gptq.int4"),
+    # weight-only, quantized while loading (lit_llama/quant/weight_only.py): the fast modes
+    (WEIGHT_INT8, None, "int8"),
+    (WEIGHT_INT4, None, "int4"),
+    ("weight-only int4 g64 (int8 head)", None, "int4-g64"),
 ]
 
 
@@ -132,7 +137,10 @@ def targets(rows: list, fp16_total: int) -> list:
             f"on the held-out text: GPTQ {held:+.1%} (target within 10%: {ok(held <= 0.10)}), RTN {held_rtn:+.1%} "
             f"(target GPTQ at most half of RTN's increase: {ok(held <= 0.5 * held_rtn)})",
             f"4-bit checkpoint {size:.0%} of the fp16 one (target at most 30%: {ok(size <= 0.30)}; for a "
-            f"LLaMA-7B packed the same way: {seven_b_ratio(4, 6, down_bits=6):.0%})"]
+            f"LLaMA-7B packed the same way: {seven_b_ratio(4, 6, down_bits=6):.0%})"] + [
+            f"{label}: perplexity {by[label]['ppl'] / fp32['ppl'] - 1:+.2%} vs fp32 (target within {bound:.0%}: "
+            f"{ok(by[label]['ppl'] / fp32['ppl'] - 1 <= bound)})"
+            for label, bound in ((WEIGHT_INT8, 0.01), (WEIGHT_INT4, 0.10)) if label in by]
 
 
 def seven_b_ratio(bits: int, head_bits: Optional[int] = None, groupsize: int = 128,

@@ -18,6 +18,7 @@ from lit_llama.peft.lora import load_lora
 from lit_llama.quant.bnb import quantize_linears
 from lit_llama.quant.packed import build_packed_model
 from lit_llama.quant.quantization import check_quantize_mode
+from lit_llama.quant.weight_only import MODES as WEIGHT_ONLY_MODES, quantize_weight_only, use_int4_kernels
 from lit_llama.templates import ChatFormat, choose_template
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError, default_precision, make_fabric
@@ -56,8 +57,10 @@ class LoadArgs:
     Args:
         precision: a Lightning Fabric precision such as 32-true, bf16-true, 16-true; default
             bf16-true on GPUs that support it, 16-true on other GPUs, 32-true on CPU.
-        quantize: llm.int8 (bitsandbytes int8 layers, quantized while loading), or gptq.int4 /
-            gptq.int3 for a checkpoint written by quantize/gptq.py.
+        quantize: int8 (per-row) or int4 (groups of 32; int4-g64, int4-g128), weight-only
+            integers quantized while loading, the fast modes; llm.int8 (bitsandbytes int8 layers,
+            quantized while loading); or gptq.int4 / gptq.int3 for a checkpoint written by
+            quantize/gptq.py.
     """
 
     precision: Optional[str] = None
@@ -114,10 +117,10 @@ def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wr
     `adapter_v2_path`, `finetuned_path` (finetune/full.py's weights; see finetuned_source), or any
     `wrap(model)` that changes the float model first.
 
-    `quantize`: llm.int8 quantizes the float linear layers of the blocks (after the finetuned
-    weights, so LoRA and adapters wrap float layers that are then quantized) one at a time onto the
-    device; gptq.int4 and gptq.int3 load a checkpoint written by quantize/gptq.py, whose packed
-    layers LoRA and adapters wrap.
+    `quantize`: int8 / int4 (weight-only, lit_llama/quant/weight_only.py) and llm.int8 quantize
+    the float linear layers of the blocks (after the finetuned weights, so LoRA and adapters wrap
+    float layers that are then quantized) one at a time onto the device; gptq.int4 and gptq.int3
+    load a checkpoint written by quantize/gptq.py, whose packed layers LoRA and adapters wrap.
     `compile`: the weights are laid out for `compile_decode_step` rather than for eager decoding."""
     fabric = make_fabric(precision)
     weights = FinetunedArgs(lora_path, adapter_path, adapter_v2_path, finetuned_path)
@@ -136,8 +139,12 @@ def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wr
         model = build_model(checkpoint_dir, config)
     if wrap is not None:
         model = wrap(model)
+    if quantization is not None and fabric.device.type == "cpu":
+        use_int4_kernels(model, _weight_dtype(precision))  # GPTQ's 4/3-bit layers through torch's int4 kernel
     if quantize == "llm.int8":
         quantize_linears(model, quantize, device=fabric.device, release_mapped=True)
+    if quantize in WEIGHT_ONLY_MODES:
+        quantize_weight_only(model, quantize, fabric.device, _weight_dtype(precision), release_mapped=True)
     tokenizer = Tokenizer(checkpoint_dir)
     model = fabric.setup_module(model.eval())
     if fabric.device.type == "cpu":

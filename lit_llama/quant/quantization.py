@@ -5,6 +5,8 @@ point whatever its format.
                        QLoRA's 4-bit formats for finetuning, int8 for inference
   gptq.int4, .int3     packed integer layers (lit_llama/quant/packed.py) from calibration data
                        (lit_llama/quant/gptq.py, quantize/gptq.py), loaded from their own checkpoint
+  int8, int4[-gN]      weight-only integers quantized while loading (lit_llama/quant/weight_only.py),
+                       multiplied by torch's own int8/int4 kernels: the fast modes for inference
 """
 
 from pathlib import Path
@@ -16,10 +18,11 @@ import torch.nn as nn
 from lit_llama.io.checkpoint import packed_mode
 from lit_llama.quant.bnb import dequantize_bnb_weight, import_bitsandbytes
 from lit_llama.quant.packed import PackedLinear
+from lit_llama.quant.weight_only import MODES as WEIGHT_ONLY_MODES, Int4Linear, Int8Linear
 from lit_llama.utils import UserError
 
 # the --quantize choices of the generate and evaluate scripts
-INFERENCE_MODES = ("llm.int8", "gptq.int4", "gptq.int3")
+INFERENCE_MODES = WEIGHT_ONLY_MODES + ("llm.int8", "gptq.int4", "gptq.int3")
 
 
 def check_quantize_mode(checkpoint_dir: Path, mode: Optional[str], quantization: Optional[dict]) -> None:
@@ -41,6 +44,6 @@ def check_quantize_mode(checkpoint_dir: Path, mode: Optional[str], quantization:
 
 def dequantize_weight(linear: nn.Module) -> torch.Tensor:
     """The weight of `linear` in floating point: a quantized weight dequantized, a plain one as is."""
-    if isinstance(linear, PackedLinear):
+    if isinstance(linear, (PackedLinear, Int8Linear, Int4Linear)):
         return linear.weight
     return dequantize_bnb_weight(linear)

@@ -1,0 +1,292 @@
+"""Weight-only int8 and int4, quantized while loading any float checkpoint, as in gpt-fast: no
+calibration data, activations stay in floating point, and a decode step reads 1 or 0.5 bytes per
+weight instead of 4.
+
+  int8   one scale per output row, symmetric: q = round(w / s), s = max|w| / 127, q in [-127, 127]
+  int4   one scale and one offset per group of `groupsize` inputs (32 by default; 64, 128), min-max
+         over 16 levels, in the form torch's int4 kernels take: w = (q - 8) s + z, with
+         s = (max - min) / 15 and z = min + 8 s, so q = 0 is the group's minimum and q = 15 its maximum
+
+On CPU the products run in torch's own weight-only kernels, `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu`, which read the integers and scale inside the matrix product. They are
+fast with bfloat16 activations where the CPU has AVX512-BF16 or AMX (there the activations are cast
+to bfloat16 for the product and the result back; measured on a 2-core Xeon with AMX, a 4096x4096
+int8 layer: 0.57 ms, against 6.5 ms with float32 activations and 1.4 ms for the float32 layer).
+Elsewhere, and on other devices, the layer multiplies by its integers cast to the activations' type
+and scales the result (gpt-fast's form; in a compiled step the cast fuses into the product).
+
+The output head is quantized too (it is a fifth of a small model's weights); at int4 it stays at
+int8, as llama.cpp keeps its output tensor at more bits than the blocks. A tied embedding shares the
+head's int8 rows: a lookup dequantizes only the rows it reads.
+"""
+
+import functools
+import re
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_llama.io.checkpoint import release_freed_heap, release_mapped_pages
+from lit_llama.model import LLaMA, linear
+from lit_llama.quant.packed import PackedLinear, unpermute_columns
+from lit_llama.utils import UserError
+
+MODES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
+INT4_GROUPS = (32, 64, 128)
+INT4_ROWS = 16  # the CPU int4 kernel packs rows in tiles of 16
+
+
+def parse_mode(mode: str) -> Tuple[int, Optional[int]]:
+    """(bits, groupsize) of a weight-only mode: int8 -> (8, None), int4 -> (4, 32), int4-g64 -> (4, 64)."""
+    if mode == "int8":
+        return 8, None
+    m = re.fullmatch(r"int4(?:-g(\d+))?", mode)
+    if m is None or (m.group(1) is not None and int(m.group(1)) not in INT4_GROUPS):
+        raise UserError(f"unknown weight-only mode {mode!r}; choose one of {', '.join(MODES)}")
+    return 4, int(m.group(1) or 32)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there torch's weight-only
+    kernels are fast with bfloat16 activations; elsewhere bfloat16 is emulated and slow."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def kernel_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the products of a layer on `device`, for activations of `dtype`, are computed in."""
+    if torch.device(device).type == "cpu" and fast_bf16_cpu():
+        return torch.bfloat16
+    return dtype
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (out, in), scales float32 (out,)) with w ~ q * scales[:, None]."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, groupsize: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int32 (out, in) in [0, 15], scales (out, groups), offsets z (out, groups)), float32, with
+    w ~ (q - 8) * scale + z per group of `groupsize` inputs."""
+    rows, cols = w.shape
+    g = w.float().reshape(rows, cols // groupsize, groupsize)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(rows, cols), scales, lo + 8 * scales
+
+
+def check_int4_shape(in_features: int, out_features: int, groupsize: int, where: str) -> None:
+    if in_features % groupsize:
+        raise UserError(f"--quantize int4 with groups of {groupsize} needs a layer width divisible by {groupsize}; "
+                        f"{where} has {in_features} inputs (choose another group size: "
+                        f"{', '.join(f'int4-g{g}' for g in INT4_GROUPS if in_features % g == 0) or 'int8'})")
+    if out_features % INT4_ROWS:
+        raise UserError(f"--quantize int4 needs a multiple of {INT4_ROWS} outputs; {where} has {out_features}")
+
+
+# ---------------------------------------------------------------- layers
+
+
+class Int8Linear(nn.Linear):
+    """A bias-free linear layer with int8 weights and one scale per output row. It subclasses
+    nn.Linear so that code finding linear layers by type finds it, but holds no float weight:
+    `weight` dequantizes on access (for code that inspects or merges it)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        nn.Module.__init__(self)  # not nn.Linear's: no float weight to allocate
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("qweight", q)
+        # kept in the kernel's dtype: the scales are an operand of the fused product, never cast per call
+        self.register_buffer("scales", scales.to(kernel_dtype(q.device, dtype)))
+        self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, device=None, dtype: Optional[torch.dtype] = None) -> "Int8Linear":
+        """`dtype`: that of the activations it will see (default: the weight's)."""
+        q, scales = quantize_int8(w.to(device) if device is not None else w)
+        return cls(q, scales, dtype or w.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scales
+        if x.device.type == "cpu" and (s.dtype != x.dtype or not torch.compiler.is_compiling()):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(s.dtype), self.qweight, s)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        # compiled on a CPU without native bfloat16, or another device: the cast fuses into the product
+        return linear(x, self.qweight.to(x.dtype)) * s.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding as int8 rows with one scale per row (the tied head's own tensors): a
+    lookup dequantizes only the rows it reads."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.head, self.dtype = [head], dtype  # in a list: not a submodule, so not a second state-dict entry
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head[0].weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        return head.qweight[idx].to(self.dtype) * head.scales[idx].to(self.dtype)[..., None]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head[0].matmul(x)
+
+
+class Int4Linear(nn.Linear):
+    """A bias-free linear layer with 4-bit weights, a scale and an offset per group of `groupsize`
+    inputs: w = (q - 8) * scale + z. On CPU the integers are held in the layout of torch's CPU int4
+    kernel (rows in tiles of 16, two values a byte); elsewhere as bytes of two values (low nibble
+    first) that the forward pass dequantizes."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
+                 dtype: torch.dtype, perm: Optional[torch.Tensor] = None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = q.shape
+        self.groupsize = groupsize
+        # GPTQ's act-order: columns stored in the order they were quantized; the input is permuted to match
+        self.register_buffer("perm", None if perm is None else perm.to(device=q.device, dtype=torch.int32))
+        self.on_cpu = q.device.type == "cpu"
+        if self.on_cpu:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        else:
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        self.register_buffer("qweight", packed)
+        # (groups, out, 2): scale and offset side by side, as the kernel reads them
+        sz = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(kernel_dtype(q.device, dtype)))
+        self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, groupsize: int, device=None, dtype: Optional[torch.dtype] = None,
+                   where: str = "a layer") -> "Int4Linear":
+        check_int4_shape(w.size(1), w.size(0), groupsize, where)
+        q, scales, zeros = quantize_int4(w.to(device) if device is not None else w, groupsize)
+        return cls(q, scales, zeros, groupsize, dtype or w.dtype)
+
+    @classmethod
+    def from_packed(cls, layer: PackedLinear, dtype: torch.dtype) -> "Int4Linear":
+        """The same weights as a 3- or 4-bit GPTQ/RTN PackedLinear, w = s (q - zero) = (q - 8) s + s (8 - zero),
+        for torch's int4 kernel (codes of 3 bits are 4-bit codes below 8)."""
+        s = layer.scales.float()
+        z = s * (8 - layer.zeros.float())
+        return cls(layer.ints(), s, z, layer.groupsize, dtype, layer.perm)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        sz = self.scales_and_zeros
+        if self.on_cpu:  # the kernel's layout is opaque: its product with the identity is the weight
+            eye = torch.eye(self.in_features, dtype=sz.dtype, device=sz.device)
+            w = torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.groupsize, sz).t().contiguous()
+        else:
+            w = self._dequantize(sz.dtype)
+        return unpermute_columns(w, self.perm)
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        b = self.qweight
+        q = torch.stack((b & 15, b >> 4), dim=-1).reshape(self.out_features, -1).to(dtype)
+        s, z = self.scales_and_zeros.to(dtype).unbind(-1)  # (groups, out) each
+        g = q.view(self.out_features, -1, self.groupsize)
+        return ((g - 8) * s.t()[..., None] + z.t()[..., None]).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.on_cpu:
+            sz = self.scales_and_zeros
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(sz.dtype), self.qweight,
+                                                 self.groupsize, sz)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self._dequantize(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, groupsize={self.groupsize}"
+
+
+# ---------------------------------------------------------------- a model
+
+
+def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[torch.dtype] = None,
+                         release_mapped: bool = False) -> LLaMA:
+    """Replace every float nn.Linear of the blocks (LoRA's and adapters' base layers included) by
+    an Int8Linear or Int4Linear on `device` (default: where the weight is), and the head by an
+    Int8Linear (tied: the embedding becomes its Int8Embedding), in place. Every shape is checked
+    before anything is replaced, so a bad group size changes nothing. `dtype`: the activations' (the
+    model's after Fabric's precision; default the weights'). With `release_mapped`, the pages of each
+    memory-mapped float weight are given back once quantized."""
+    dtype = dtype or model.transformer.ln_f.weight.dtype
+    bits, groupsize = parse_mode(mode)
+    targets = []
+    for i, block in enumerate(model.transformer.h):
+        for path, parent in list(block.named_modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:  # exactly: quantized layers subclass it
+                    if child.bias is not None:
+                        raise UserError(f"--quantize {mode} covers bias-free layers; block {i}'s {path}.{name} has a bias")
+                    where = f"transformer.h.{i}.{f'{path}.' if path else ''}{name}"
+                    if bits == 4:
+                        check_int4_shape(child.in_features, child.out_features, groupsize, where)
+                    targets.append((parent, name, child, where))
+    for parent, name, child, where in targets:
+        w = child.weight.detach()
+        if w.is_meta:
+            raise ValueError("cannot quantize weights on the meta device: load them first")
+        layer = (Int8Linear.from_float(w, device, dtype) if bits == 8
+                 else Int4Linear.from_float(w, groupsize, device, dtype, where))
+        setattr(parent, name, layer.train(child.training))
+        if release_mapped:
+            release_mapped_pages(child.weight)
+            release_freed_heap()
+    wte = model.transformer.wte
+    if model.lm_head is None:  # tied: one int8 tensor is the head and the embedding
+        head = Int8Linear.from_float(wte.weight.detach(), device, dtype)
+        model.lm_head = head
+        model.transformer.wte = Int8Embedding(head, dtype)
+        if release_mapped:
+            release_mapped_pages(wte.weight)
+    elif type(model.lm_head) is nn.Linear:
+        old = model.lm_head.weight
+        model.lm_head = Int8Linear.from_float(old.detach(), device, dtype)
+        if release_mapped:
+            release_mapped_pages(old)
+    release_freed_heap()
+    return model
+
+
+def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
+    """Swap each 3- or 4-bit PackedLinear (quantize/gptq.py's checkpoints) on the CPU whose groups are
+    whole and whose outputs come in tiles of 16 for the Int4Linear with the same weights, in place:
+    torch's int4 kernel instead of unpacking the integers at every product; `dtype`: the activations'.
+    Returns how many. The embedding and a 6- or 8-bit head stay packed."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is PackedLinear and child.bits in (3, 4) and child.qweight.device.type == "cpu"
+                    and child.in_features % child.groupsize == 0 and child.out_features % INT4_ROWS == 0):
+                setattr(parent, name, Int4Linear.from_packed(child, dtype).train(child.training))
+                swapped += 1
+    return swapped
