@@ -651,6 +651,8 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
         from report import write_section  # benchmarks/report.py: this script's folder is first on sys.path
 
         title = "Generation speed (CPU)" if device == "cpu" and model == "embedded" else f"Generation speed ({device}, {model})"
+        if title == "Generation speed (CPU)" and not default_run and any(s in QUANT_SYSTEMS for s in systems):
+            title = "Generation speed, quantized and bf16 (CPU)"  # a run of these rows keeps the full table
         command = " ".join(["python benchmarks/generation_speed.py"] + sys.argv[1:])
         write_section(title, table, command)
 
