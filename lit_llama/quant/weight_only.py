@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from lit_llama.io.checkpoint import release_freed_heap, release_mapped_pages
 from lit_llama.model import LLaMA, linear
-from lit_llama.quant.packed import PackedLinear, unpermute_columns
+from lit_llama.quant.packed import PackedLinear, pack_int, unpack_int, unpermute_columns
 from lit_llama.utils import UserError
 
 MODES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
@@ -171,7 +171,7 @@ class Int4Linear(nn.Linear):
         if self.on_cpu:
             packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         else:
-            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+            packed = pack_int(q, 4)
         self.register_buffer("qweight", packed)
         # (groups, out, 2): scale and offset side by side, as the kernel reads them
         sz = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()
@@ -204,8 +204,7 @@ class Int4Linear(nn.Linear):
         return unpermute_columns(w, self.perm)
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        b = self.qweight
-        q = torch.stack((b & 15, b >> 4), dim=-1).reshape(self.out_features, -1).to(dtype)
+        q = unpack_int(self.qweight, 4, self.in_features, dtype)
         s, z = self.scales_and_zeros.to(dtype).unbind(-1)  # (groups, out) each
         g = q.view(self.out_features, -1, self.groupsize)
         return ((g - 8) * s.t()[..., None] + z.t()[..., None]).reshape(self.out_features, self.in_features)
