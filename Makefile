@@ -37,7 +37,8 @@ test: $(VENV)/.installed-test
 # against transformers, sentencepiece and the papers' formulas) in a few minutes; `make test` is the whole suite
 FAST_TESTS := tests/test_model_hf.py tests/test_checkpoint.py tests/test_convert_meta.py tests/test_generation.py \
 	tests/test_lora.py tests/test_adapter.py tests/test_prompts.py tests/test_convert_gguf.py tests/test_engine.py \
-	tests/test_chat_data.py tests/test_quantization.py tests/test_layout.py tests/test_weight_only.py
+	tests/test_chat_data.py tests/test_quantization.py tests/test_layout.py tests/test_weight_only.py \
+	tests/test_gguf_kept.py tests/test_ggml.py
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(FAST_TESTS) -q -x
 

@@ -124,9 +124,10 @@ def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Mo
             if type(module) is torch.nn.Linear:
                 module.__class__ = DecodeLinear
             continue
-        w = getattr(module, "weight", None)
-        if type(module) in (torch.nn.Linear, torch.nn.Embedding) and w is not None and w.dim() == 2 \
-                and w.is_floating_point() and w.size(0) > w.size(1) and w.is_contiguous():
+        if type(module) not in (torch.nn.Linear, torch.nn.Embedding):  # before reading `weight`: a
+            continue  # quantized layer's is a property that dequantizes the whole matrix
+        w = module.weight
+        if w is not None and w.dim() == 2 and w.is_floating_point() and w.size(0) > w.size(1) and w.is_contiguous():
             old = w.data
             w.data = old.t().contiguous().t()
             release_mapped_pages(old)

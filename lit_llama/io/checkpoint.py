@@ -2,6 +2,9 @@
 
 Loading memory-maps the weights (no second copy in RAM, no code run from the file); writing
 streams tensor by tensor into shards and becomes visible only when complete (atomic rename).
+
+Why one file: the directory's layout, its safetensors reader and writer, and the integer layers it
+may hold (QuantizedRows) are one format; a reader split from its writer drifts from it.
 """
 
 import ctypes
@@ -10,8 +13,9 @@ import json
 import mmap
 import struct
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,6 +26,10 @@ CONFIG_FILE = "lit_config.json"
 # the lit_config.json entry of a packed checkpoint: bits, groupsize, act_order, method, and optional
 # head (bits, groupsize, act_order), layers ({name: {bits}}), calibration (where the text came from)
 QUANTIZATION_KEY = "quantization"
+# the method of a checkpoint whose integers were kept from a GGUF file (scripts/convert_gguf_checkpoint.py
+# --keep_quantized): its entry's `layers` maps each integer layer to {bits, groupsize, type}, and the
+# layer's tensors are `qweight`, `scales` and `zeros` (quantized_rows_tensors)
+KEPT_METHOD = "gguf"
 WEIGHTS_FILE = "lit_model.safetensors"
 INDEX_FILE = "lit_model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -84,6 +92,71 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         else:
             out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + begin).view(shape)
     return out
+
+
+# ---------------------------------------------------------------- integer weights kept as they are
+
+
+@dataclass
+class QuantizedRows:
+    """A weight (out, in) kept as integers, w = q * scales + zeros for each group of `groupsize`
+    inputs of a row: q (out, in) int32 codes of `bits` bits (4: 0..15, 8: -128..127), scales and
+    zeros (out, in / groupsize) float32. Every row is independent (GGUF's blocks run along the
+    inputs), so the converters' row operations (the rotary permutation, vocabulary padding,
+    stacking q, k and v) apply to q, scales and zeros alike; `qtype` names the source's format."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    groupsize: int
+    bits: int
+    qtype: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def map_rows(self, f: Callable[[torch.Tensor], torch.Tensor]) -> "QuantizedRows":
+        return replace(self, q=f(self.q), scales=f(self.scales), zeros=f(self.zeros))
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.q.shape
+        g = self.q.float().view(rows, -1, self.groupsize)
+        return (g * self.scales[..., None] + self.zeros[..., None]).view(rows, cols)
+
+    def regroup(self, groupsize: int) -> "QuantizedRows":
+        """The same numbers with 8-bit codes and smaller groups (each group's scale repeated)."""
+        r = self.groupsize // groupsize
+        return replace(self, scales=self.scales.repeat_interleave(r, 1), zeros=self.zeros.repeat_interleave(r, 1),
+                       groupsize=groupsize, bits=8)
+
+
+def quantized_rows_tensors(w: QuantizedRows) -> Dict[str, torch.Tensor]:
+    """How a checkpoint stores a QuantizedRows layer: `qweight` int8 codes, or at 4 bits two codes a
+    byte, low nibble first (the layout of lit_llama.quant.packed.pack_int); `scales` and `zeros`
+    in float16 where that is exact (GGUF's own scales are float16), else float32."""
+    q = w.q.to(torch.int32)
+    if w.bits == 4:
+        q = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    else:
+        q = q.to(torch.int8)
+    narrow = lambda t: t.half() if torch.equal(t.half().float(), t) else t.float()
+    return {"qweight": q, "scales": narrow(w.scales), "zeros": narrow(w.zeros)}
+
+
+def read_quantized_rows(state_dict: Dict[str, torch.Tensor], layer: str, info: dict,
+                        where: Path) -> QuantizedRows:
+    """The QuantizedRows that quantized_rows_tensors stored under `layer` with entry `info`."""
+    try:
+        bits, groupsize, qtype = int(info["bits"]), int(info["groupsize"]), str(info["type"])
+        q, scales, zeros = (state_dict.pop(f"{layer}.{k}") for k in ("qweight", "scales", "zeros"))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{where}: the integer layer {layer} is missing or its entry is corrupted")
+    if bits == 4:
+        q = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(q.size(0), -1)
+    if bits not in (4, 8) or q.size(1) != scales.size(1) * groupsize or scales.shape != zeros.shape:
+        raise CheckpointError(f"{where}: the integer layer {layer} does not match its entry {info}")
+    return QuantizedRows(q.to(torch.int32), scales.float(), zeros.float(), groupsize, bits, qtype)
 
 
 # ---------------------------------------------------------------- memory-mapped pages, given back once used
@@ -240,8 +313,10 @@ def read_quantization(checkpoint_dir: Path) -> Optional[dict]:
         return None
 
 
-def packed_mode(quantization: dict) -> str:
-    """The --quantize mode that loads a packed checkpoint."""
+def packed_mode(quantization: dict) -> Optional[str]:
+    """The --quantize mode that loads a packed checkpoint (None: it loads without one)."""
+    if quantization.get("method") == KEPT_METHOD:
+        return None
     return f"gptq.int{quantization.get('bits')}"
 
 
@@ -259,6 +334,9 @@ def load_model(checkpoint_dir: Path, config: Optional[Config] = None) -> LLaMA:
     `config` replaces the directory's own."""
     validate_checkpoint_dir(checkpoint_dir)
     own, quantization = read_checkpoint_config(checkpoint_dir)
+    if quantization is not None and quantization.get("method") == KEPT_METHOD:
+        raise CheckpointError(f"{checkpoint_dir} holds a GGUF file's integers kept as they are (--keep_quantized): "
+                              "the inference scripts load it; for a float model convert the GGUF without it")
     if quantization is not None:
         # packed integer weights fit no float model: only lit_llama.quant.packed.load_packed_model reads them
         raise CheckpointError(f"{checkpoint_dir} holds {quantization.get('bits')}-bit weights packed by "

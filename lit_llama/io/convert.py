@@ -2,16 +2,18 @@
 
 Every source is described by the same few roles (embedding, q/k/v, MLP, norms) under its own
 names; `lit_tensors` turns any of them into our layout one tensor at a time, so peak memory is a
-layer, not a model. GGUF files reuse the same path (`lit_llama/io/gguf.py`).
+layer, not a model. GGUF files reuse the same path (`lit_llama/io/gguf.py`), and may give some
+weights as `QuantizedRows` (integers kept as they are) instead of float tensors.
 """
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from lit_llama.io.checkpoint import ShardedWriter, copy_tokenizer_files, torch_load, load_safetensors, write_config
+from lit_llama.io.checkpoint import (KEPT_METHOD, QuantizedRows, ShardedWriter, copy_tokenizer_files, load_safetensors,
+                                     quantized_rows_tensors, torch_load, write_config)
 from lit_llama.model import Config
 from lit_llama.templates import check_template_name, save_template_name
 from lit_llama.utils import UserError, atomic_dir
@@ -39,9 +41,29 @@ META_NAMES = {
 META_SPLIT_DIM1 = ("tok_embeddings.", ".attention.wo.", ".feed_forward.w2.")
 
 
-def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+Weight = Union[torch.Tensor, QuantizedRows]
+
+
+def stack_rows(parts: List[Weight]) -> Weight:
+    """The rows of `parts` one after the other (q, k, v into one attention matrix). Integers stay
+    integers where every part has them: at 4 bits with one group size, else at 8 bits with the
+    smallest group size (mixed GGUF files store v at more bits than q and k); any float part makes
+    the whole float."""
+    if not all(isinstance(p, QuantizedRows) for p in parts):
+        return torch.cat([p.dequantize() if isinstance(p, QuantizedRows) else p for p in parts])
+    groupsize = min(p.groupsize for p in parts)
+    if len({(p.bits, p.groupsize) for p in parts}) > 1:
+        parts = [p.regroup(groupsize) for p in parts]
+    qtypes = sorted({p.qtype for p in parts})
+    return QuantizedRows(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
+                         torch.cat([p.zeros for p in parts]), groupsize, parts[0].bits, "+".join(qtypes))
+
+
+def interleaved_to_halves(w: Weight, n_heads: int) -> Weight:
     """Reorder q/k rows from Meta's rotary layout (adjacent pairs rotate together) to ours (the
     two halves of each head rotate together), the same permutation Hugging Face's converter does."""
+    if isinstance(w, QuantizedRows):
+        return w.map_rows(lambda t: interleaved_to_halves(t, n_heads))
     out_features, in_features = w.shape
     hd = out_features // n_heads
     return w.view(n_heads, hd // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
@@ -63,21 +85,25 @@ def check_shape(name: str, w: torch.Tensor, shape: Tuple[int, ...]) -> torch.Ten
     return w
 
 
-def pad_vocab(w: torch.Tensor, config: Config) -> torch.Tensor:
-    if w.dim() != 2 or w.size(1) != config.n_embd or not config.vocab_size <= w.size(0) <= config.padded_vocab_size:
+def pad_vocab(w: Weight, config: Config) -> Weight:
+    if len(w.shape) != 2 or w.shape[1] != config.n_embd or not config.vocab_size <= w.shape[0] <= config.padded_vocab_size:
         raise UserError(f"embedding/output of shape {tuple(w.shape)} does not fit vocab_size {config.vocab_size} "
                         f"and n_embd {config.n_embd}")
-    if w.size(0) == config.padded_vocab_size:
+    if w.shape[0] == config.padded_vocab_size:
         return w
-    return torch.cat([w, w.new_zeros(config.padded_vocab_size - w.size(0), w.size(1))])
+    # zero rows: zero codes, scales and offsets are a zero weight too
+    pad = lambda t: torch.cat([t, t.new_zeros(config.padded_vocab_size - t.size(0), t.size(1))])
+    return w.map_rows(pad) if isinstance(w, QuantizedRows) else pad(w)
 
 
-def lit_tensors(config: Config, get: Callable[[str], torch.Tensor], names: Dict[str, str],
-                interleaved_rope: bool, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) of our state dict from a source's `get(name)`, one tensor at a time."""
+def lit_tensors(config: Config, get: Callable[[str], Weight], names: Dict[str, str],
+                interleaved_rope: bool, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, Weight]]:
+    """Yield (name, tensor) of our state dict from a source's `get(name)`, one tensor at a time;
+    a weight `get` gives as QuantizedRows comes out as QuantizedRows."""
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    cast_float = lambda t: t if isinstance(t, QuantizedRows) else cast(t)
     shapes = source_shapes(config)
-    yield "transformer.wte.weight", cast(pad_vocab(get(names["wte"]), config))
+    yield "transformer.wte.weight", cast_float(pad_vocab(get(names["wte"]), config))
     for i in range(config.n_layer):
         w = {r: check_shape(names[r].format(i=i), get(names[r].format(i=i)), shapes[r]) for r in ROLES}
         if interleaved_rope:
@@ -85,15 +111,15 @@ def lit_tensors(config: Config, get: Callable[[str], torch.Tensor], names: Dict[
             w["k"] = interleaved_to_halves(w["k"], config.n_query_groups)
         p = f"transformer.h.{i}."
         yield p + "rms_1.weight", cast(w["attn_norm"])
-        yield p + "attn.c_attn.weight", cast(torch.cat([w["q"], w["k"], w["v"]]))
-        yield p + "attn.c_proj.weight", cast(w["o"])
+        yield p + "attn.c_attn.weight", cast_float(stack_rows([w["q"], w["k"], w["v"]]))
+        yield p + "attn.c_proj.weight", cast_float(w["o"])
         yield p + "rms_2.weight", cast(w["ffn_norm"])
-        yield p + "mlp.c_fc1.weight", cast(w["gate"])
-        yield p + "mlp.c_fc2.weight", cast(w["up"])
-        yield p + "mlp.c_proj.weight", cast(w["down"])
+        yield p + "mlp.c_fc1.weight", cast_float(w["gate"])
+        yield p + "mlp.c_fc2.weight", cast_float(w["up"])
+        yield p + "mlp.c_proj.weight", cast_float(w["down"])
     yield "transformer.ln_f.weight", cast(check_shape(names["ln_f"], get(names["ln_f"]), shapes["ln_f"]))
     if not config.tie_embeddings:
-        yield "lm_head.weight", cast(pad_vocab(get(names["lm_head"]), config))
+        yield "lm_head.weight", cast_float(pad_vocab(get(names["lm_head"]), config))
 
 
 def write_checkpoint(output_dir: Path, config: Config, tensors: Iterator[Tuple[str, torch.Tensor]],
@@ -103,12 +129,19 @@ def write_checkpoint(output_dir: Path, config: Config, tensors: Iterator[Tuple[s
     from tqdm import tqdm
 
     total = total or 2 + 7 * config.n_layer + (0 if config.tie_embeddings else 1)
+    kept = {}  # layer name -> how its integers are stored (the config's quantization entry)
     with atomic_dir(output_dir) as tmp:
         writer = ShardedWriter(tmp)
         for name, tensor in tqdm(tensors, total=total, desc="converting", unit="tensor"):
-            writer.add(name, tensor)
+            if isinstance(tensor, QuantizedRows):
+                layer = name.removesuffix(".weight")
+                for key, t in quantized_rows_tensors(tensor).items():
+                    writer.add(f"{layer}.{key}", t)
+                kept[layer] = {"bits": tensor.bits, "groupsize": tensor.groupsize, "type": tensor.qtype}
+            else:
+                writer.add(name, tensor)
         writer.close()
-        write_config(tmp, config)
+        write_config(tmp, config, {"method": KEPT_METHOD, "layers": kept} if kept else None)
         finish(tmp)
     print(f"wrote {output_dir}")
 

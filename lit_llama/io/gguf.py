@@ -4,6 +4,12 @@ Tensors are dequantized one at a time by the `gguf` package (F32, F16, BF16, Q8_
 Q5_x, the K-quants, ...) from a memory map; Q and K rows are stored in Meta's interleaved rotary
 layout and are permuted like Meta's. The tokenizer in the metadata becomes a `tokenizer.json`
 (`gpt2` BPE vocabularies) or a SentencePiece `tokenizer.model` (`llama` vocabularies).
+
+With `keep_quantized`, the blocks of Q4_0, Q4_1, Q4_K (4-bit codes in groups of 32), Q8_0, Q5_0,
+Q5_1, Q5_K (8-bit codes, groups of 32) and Q6_K (8-bit codes, groups of 16) are decoded into
+integer codes with a scale and an offset per group, w = q * scale + offset: the same numbers as
+their dequantization, which the model multiplies as integers (lit_llama/quant/weight_only.py).
+Other types (Q2_K, Q3_K, the IQ formats) are dequantized to float, with one warning line.
 """
 
 import json
@@ -14,6 +20,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from lit_llama.io.checkpoint import QuantizedRows
 from lit_llama.io.convert import lit_tensors, parse_dtype, record_template, write_checkpoint
 from lit_llama.model import Config
 from lit_llama.templates import check_template_name
@@ -90,6 +97,110 @@ def dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the map is read-only
 
 
+# ---------------------------------------------------------------- blocks kept as integers
+# Block layouts as in ggml's ggml-common.h; each decoder takes the blocks as a (blocks, bytes) uint8
+# array and returns codes (blocks, values), scales and offsets (blocks, groups) with w = q * s + z.
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    # 16 bytes hold 32 values: the low nibbles are values 0..15, the high nibbles 16..31
+    return np.concatenate((qs & 0xF, qs >> 4), axis=-1).astype(np.int32)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    # 4 bytes, one little-endian 32-bit word: bit j is value j's fifth bit
+    word = np.ascontiguousarray(qh).view("<u4").astype(np.int64)
+    return ((word >> np.arange(32)) & 1).astype(np.int32)
+
+
+def _k_scales(sc: np.ndarray):
+    """The 8 six-bit scales and mins packed into the 12 bytes of a Q4_K/Q5_K block."""
+    sc = sc.astype(np.int32)
+    lo_s, lo_m = sc[:, 0:4] & 63, sc[:, 4:8] & 63
+    hi_s = (sc[:, 8:12] & 0xF) | ((sc[:, 0:4] >> 6) << 4)
+    hi_m = (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)
+    return np.concatenate((lo_s, hi_s), 1).astype(np.float32), np.concatenate((lo_m, hi_m), 1).astype(np.float32)
+
+
+def _q4_0(b):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 2:18]), d, -8 * d  # d (q - 8)
+
+
+def _q4_1(b):
+    return _nibbles(b[:, 4:20]), _f16(b[:, 0:2]), _f16(b[:, 2:4])  # d q + m
+
+
+def _q5_0(b):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 6:22]) | (_fifth_bits(b[:, 2:6]) << 4), d, -16 * d
+
+
+def _q5_1(b):
+    return _nibbles(b[:, 8:24]) | (_fifth_bits(b[:, 4:8]) << 4), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _q8_0(b):
+    d = _f16(b[:, 0:2])
+    return np.ascontiguousarray(b[:, 2:34]).view(np.int8).astype(np.int32), d, np.zeros_like(d)
+
+
+def _k4_codes(qs: np.ndarray) -> np.ndarray:
+    # 4 runs of 32 bytes; run r holds values 64r..64r+31 in its low nibbles, 64r+32.. in its high ones
+    qs = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate((qs & 0xF, qs >> 4), axis=2).reshape(-1, 256).astype(np.int32)
+
+
+def _q4_k(b):
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, m = _k_scales(b[:, 4:16])
+    return _k4_codes(b[:, 16:144]), d * sc, -dmin * m  # (d sc) q - (dmin m) per 32 values
+
+
+def _q5_k(b):
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, m = _k_scales(b[:, 4:16])
+    # the fifth bits: byte l of qh holds value 32k + l's in its bit k
+    qh = b[:, 16:48].astype(np.int32)
+    high = ((qh[:, None, :] >> np.arange(8)[None, :, None]) & 1).reshape(-1, 256)
+    return _k4_codes(b[:, 48:176]) | (high << 4), d * sc, -dmin * m
+
+
+def _q6_k(b):
+    ql, qh = b[:, 0:128].astype(np.int32), b[:, 128:192].astype(np.int32)
+    sc, d = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32), _f16(b[:, 208:210])
+    # two halves of 128 values; in each, 64 bytes of low nibbles and 32 bytes of 2-bit high parts:
+    # values 32k + l (k = 0..3) take nibble (k // 2) of ql byte l + 32 (k % 2) and bits 2k of qh byte l
+    ql, qh = ql.reshape(-1, 2, 2, 32), qh.reshape(-1, 2, 1, 32)
+    low = np.stack((ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4), axis=2)
+    high = (qh >> (2 * np.arange(4))[None, None, :, None]) & 3
+    q = (low | (high << 4)).reshape(-1, 256) - 32
+    return q, d * sc, np.zeros_like(sc)  # d sc (q - 32) per 16 values
+
+
+# type name: (decoder, bits of the kept codes, values per group, values per block)
+KEPT_TYPES = {
+    "Q4_0": (_q4_0, 4, 32, 32), "Q4_1": (_q4_1, 4, 32, 32), "Q4_K": (_q4_k, 4, 32, 256),
+    "Q8_0": (_q8_0, 8, 32, 32), "Q5_0": (_q5_0, 8, 32, 32), "Q5_1": (_q5_1, 8, 32, 32),
+    "Q5_K": (_q5_k, 8, 32, 256), "Q6_K": (_q6_k, 8, 16, 256),
+}
+
+
+def quantized_rows(tensor) -> QuantizedRows:
+    """A GGUF tensor of a KEPT_TYPES type as integer codes with a scale and an offset per group."""
+    decode, bits, groupsize, block = KEPT_TYPES[tensor.tensor_type.name]
+    cols, rows = int(tensor.shape[0]), int(np.prod([int(s) for s in tensor.shape[1:]]))
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows * cols // block, -1)
+    q, s, z = decode(raw)
+    t = lambda a, width: torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype)).reshape(rows, width)
+    return QuantizedRows(t(q, cols), t(s, cols // groupsize).float(), t(z, cols // groupsize).float(),
+                         groupsize, bits, tensor.tensor_type.name)
+
+
 def default_dtype(tensors: Dict[str, Any]) -> torch.dtype:
     # keep half-precision files in half precision; anything quantized dequantizes to float32
     t = tensors.get(GGUF_NAMES["q"].format(i=0))
@@ -98,9 +209,11 @@ def default_dtype(tensors: Dict[str, Any]) -> torch.dtype:
 
 
 def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None,
-                            template: Optional[str] = None) -> None:
+                            template: Optional[str] = None, keep_quantized: bool = False) -> None:
     """The file's chat template (tokenizer.chat_template) goes into tokenizer_config.json; `template`
-    records a built-in one's name (lit_template.json) for files that have none."""
+    records a built-in one's name (lit_template.json) for files that have none. `keep_quantized`:
+    the KEPT_TYPES tensors stay integers (a checkpoint that the inference scripts load), the others
+    are dequantized, with one warning line naming their types."""
     if template is not None:
         check_template_name(template)
     reader = read_gguf(gguf_path)
@@ -108,15 +221,28 @@ def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[s
     tensors = {t.name: t for t in reader.tensors}
     config = gguf_config(meta, GGUF_NAMES["lm_head"] in tensors, Path(output_dir).name)
 
+    floated = set()
+
     def get(name):
         if name not in tensors:
             raise UserError(f"{gguf_path} has no tensor {name!r}: incomplete or not a LLaMA model")
-        return dequantize(tensors[name])
+        t = tensors[name]
+        if keep_quantized and t.tensor_type.name in KEPT_TYPES and len(t.shape) == 2:
+            return quantized_rows(t)
+        if keep_quantized and t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2:
+            floated.add(t.tensor_type.name)
+        return dequantize(t)
 
     tensors_out = lit_tensors(config, get, GGUF_NAMES, interleaved_rope=True,
                               dtype=parse_dtype(dtype) or default_dtype(tensors))
-    write_checkpoint(output_dir, config, tensors_out,
-                     lambda tmp: (write_gguf_tokenizer(meta, tmp), record_template(tmp, template)))
+    def finish(tmp: Path) -> None:
+        write_gguf_tokenizer(meta, tmp)
+        record_template(tmp, template)
+        if floated:
+            print(f"warning: {', '.join(sorted(floated))} tensors cannot be kept quantized "
+                  f"(kept: {', '.join(KEPT_TYPES)}); they were dequantized to float", file=sys.stderr)
+
+    write_checkpoint(output_dir, config, tensors_out, finish)
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from lit_llama.io.checkpoint import packed_mode
+from lit_llama.io.checkpoint import KEPT_METHOD, packed_mode
 from lit_llama.quant.bnb import dequantize_bnb_weight, import_bitsandbytes
 from lit_llama.quant.packed import PackedLinear
 from lit_llama.quant.weight_only import MODES as WEIGHT_ONLY_MODES, Int4Linear, Int8Linear
@@ -31,6 +31,11 @@ def check_quantize_mode(checkpoint_dir: Path, mode: Optional[str], quantization:
     if mode is not None and mode not in INFERENCE_MODES:
         raise UserError(f"unknown --quantize {mode!r}; choose one of {', '.join(INFERENCE_MODES)}")
     entry = quantization
+    if entry is not None and entry.get("method") == KEPT_METHOD:
+        if mode is not None:
+            raise UserError(f"{checkpoint_dir} holds a GGUF file's integers kept as they are: load it without "
+                            f"--quantize (for --quantize {mode}, convert the GGUF without --keep_quantized)")
+        return
     if entry is None and mode == "llm.int8":
         import_bitsandbytes(mode)
     if entry is not None and mode != packed_mode(entry):

@@ -22,14 +22,16 @@ head's int8 rows: a lookup dequantizes only the rows it reads.
 
 import functools
 import re
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_llama.io.checkpoint import release_freed_heap, release_mapped_pages
-from lit_llama.model import LLaMA, linear
+from lit_llama.io.checkpoint import (CheckpointError, QuantizedRows, check_state_dict, load_state_dict,
+                                     read_quantized_rows, release_freed_heap, release_mapped_pages)
+from lit_llama.model import Config, LLaMA, linear
 from lit_llama.quant.packed import PackedLinear, pack_int, unpack_int, unpermute_columns
 from lit_llama.utils import UserError
 
@@ -97,16 +99,21 @@ def check_int4_shape(in_features: int, out_features: int, groupsize: int, where:
 
 
 class Int8Linear(nn.Linear):
-    """A bias-free linear layer with int8 weights and one scale per output row. It subclasses
+    """A bias-free linear layer with int8 weights and one scale per output row, or (GGUF's blocks,
+    `groupsize`) a scale and an offset per group of inputs: w = q * scale (+ offset). It subclasses
     nn.Linear so that code finding linear layers by type finds it, but holds no float weight:
     `weight` dequantizes on access (for code that inspects or merges it)."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, zeros: Optional[torch.Tensor] = None,
+                 groupsize: Optional[int] = None):
         nn.Module.__init__(self)  # not nn.Linear's: no float weight to allocate
         self.out_features, self.in_features = q.shape
+        self.groupsize = groupsize
         self.register_buffer("qweight", q)
         # kept in the kernel's dtype: the scales are an operand of the fused product, never cast per call
-        self.register_buffer("scales", scales.to(kernel_dtype(q.device, dtype)))
+        kdtype = kernel_dtype(q.device, dtype) if groupsize is None else dtype
+        self.register_buffer("scales", scales.to(kdtype))
+        self.register_buffer("zeros", None if zeros is None else zeros.to(kdtype))
         self.register_parameter("bias", None)
 
     @classmethod
@@ -117,12 +124,24 @@ class Int8Linear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
+        return self.rows(slice(None), self.scales.dtype)
+
+    def rows(self, idx, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `idx` of the weight (an embedding lookup), dequantized to `dtype`."""
+        q, s = self.qweight[idx].to(dtype), self.scales[idx].to(dtype)
+        if self.groupsize is None:
+            return q * s[..., None]
+        g = q.unflatten(-1, (-1, self.groupsize)) * s[..., None]
+        if self.zeros is not None:
+            g = g + self.zeros[idx].to(dtype)[..., None]
+        return g.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groupsize is not None:
+            return self._grouped_matmul(x)
         s = self.scales
         if x.device.type == "cpu" and (s.dtype != x.dtype or not torch.compiler.is_compiling()):
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(s.dtype), self.qweight, s)
@@ -130,25 +149,34 @@ class Int8Linear(nn.Linear):
         # compiled on a CPU without native bfloat16, or another device: the cast fuses into the product
         return linear(x, self.qweight.to(x.dtype)) * s.to(x.dtype)
 
+    def _grouped_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # compiled: one fused reduction over the int8 codes; eager: the weight dequantized for the product
+        return linear(x, self.rows(slice(None), x.dtype))
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        groups = "" if self.groupsize is None else f", groupsize={self.groupsize}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{groups}"
 
 
 class Int8Embedding(nn.Module):
-    """The token embedding as int8 rows with one scale per row (the tied head's own tensors): a
-    lookup dequantizes only the rows it reads."""
+    """The token embedding as int8 rows (an Int8Linear's: the tied head's own tensors, or its own
+    with `shared=False`): a lookup dequantizes only the rows it reads."""
 
-    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+    def __init__(self, head: Int8Linear, dtype: torch.dtype, shared: bool = True):
         super().__init__()
-        self.head, self.dtype = [head], dtype  # in a list: not a submodule, so not a second state-dict entry
+        self.dtype = dtype
+        if shared:  # in a list: not a submodule, so not a second state-dict entry
+            self.head = [head]
+        else:
+            self.table = head
+            self.head = [self.table]
 
     @property
     def weight(self) -> torch.Tensor:
         return self.head[0].weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        head = self.head[0]
-        return head.qweight[idx].to(self.dtype) * head.scales[idx].to(self.dtype)[..., None]
+        return self.head[0].rows(idx, self.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.head[0].matmul(x)
@@ -158,17 +186,24 @@ class Int4Linear(nn.Linear):
     """A bias-free linear layer with 4-bit weights, a scale and an offset per group of `groupsize`
     inputs: w = (q - 8) * scale + z. On CPU the integers are held in the layout of torch's CPU int4
     kernel (rows in tiles of 16, two values a byte); elsewhere as bytes of two values (low nibble
-    first) that the forward pass dequantizes."""
+    first) that the forward pass dequantizes. With `split`, the layer is an 8-bit one held as two
+    4-bit halves side by side (from_int8_codes): the kernel multiplies the input twice over."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
-                 dtype: torch.dtype, perm: Optional[torch.Tensor] = None):
+                 dtype: torch.dtype, perm: Optional[torch.Tensor] = None, split: bool = False):
         nn.Module.__init__(self)
-        self.out_features, self.in_features = q.shape
+        self.out_features, self.kernel_in = q.shape
+        self.split = split
+        self.in_features = self.kernel_in // 2 if split else self.kernel_in
         self.groupsize = groupsize
         # GPTQ's act-order: columns stored in the order they were quantized; the input is permuted to match
         self.register_buffer("perm", None if perm is None else perm.to(device=q.device, dtype=torch.int32))
-        self.on_cpu = q.device.type == "cpu"
-        if self.on_cpu:
+        # torch's CPU int4 kernel is fast with bfloat16 activations only (measured on a 2-core Xeon with
+        # AMX, 1536x576 at batch 1: 0.03 ms in bfloat16, 0.7 ms in float32 against 0.04 ms for the
+        # float32 layer; 13 rows: 0.17, 11.5 and 0.13 ms): without native bfloat16 the bytes of two
+        # values are dequantized for each product instead (fused into it in a compiled step)
+        self.kernel = q.device.type == "cpu" and kernel_dtype(q.device, dtype) == torch.bfloat16
+        if self.kernel:
             packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         else:
             packed = pack_int(q, 4)
@@ -177,6 +212,20 @@ class Int4Linear(nn.Linear):
         sz = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()
         self.register_buffer("scales_and_zeros", sz.to(kernel_dtype(q.device, dtype)))
         self.register_parameter("bias", None)
+
+    @classmethod
+    def from_int8_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
+                        dtype: torch.dtype) -> "Int4Linear":
+        """w = q * scale + zero per group, q 8-bit codes (-128..127), for torch's int4 kernel: with
+        q = 16 h + l (l = q & 15 in 0..15, h = q >> 4 in -8..7), w = s l + 16 s h + z: two 4-bit
+        layers in the kernel's form (c - 8) S + Z, the low one c = l, S = s, Z = z + 8 s, the high
+        one c = h + 8, S = 16 s, Z = 0, whose inputs are the same x: one product over [x, x] sums
+        both. The offsets stay small (8 s, not 128 s), so rounding S and Z to bfloat16 costs little."""
+        q = q.to(torch.int32)
+        codes = torch.cat((q & 15, (q >> 4) + 8), dim=1)
+        s = torch.cat((scales, 16 * scales), dim=1)
+        z = torch.cat((zeros + 8 * scales, torch.zeros_like(zeros)), dim=1)
+        return cls(codes, s, z, groupsize, dtype, split=True)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, groupsize: int, device=None, dtype: Optional[torch.dtype] = None,
@@ -196,18 +245,20 @@ class Int4Linear(nn.Linear):
     @property
     def weight(self) -> torch.Tensor:
         sz = self.scales_and_zeros
-        if self.on_cpu:  # the kernel's layout is opaque: its product with the identity is the weight
-            eye = torch.eye(self.in_features, dtype=sz.dtype, device=sz.device)
+        if self.kernel:  # the kernel's layout is opaque: its product with the identity is the weight
+            eye = torch.eye(self.kernel_in, dtype=sz.dtype, device=sz.device)
             w = torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.groupsize, sz).t().contiguous()
         else:
             w = self._dequantize(sz.dtype)
+        if self.split:
+            w = w[:, :self.in_features] + w[:, self.in_features:]
         return unpermute_columns(w, self.perm)
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        q = unpack_int(self.qweight, 4, self.in_features, dtype)
+        q = unpack_int(self.qweight, 4, self.kernel_in, dtype)
         s, z = self.scales_and_zeros.to(dtype).unbind(-1)  # (groups, out) each
         g = q.view(self.out_features, -1, self.groupsize)
-        return ((g - 8) * s.t()[..., None] + z.t()[..., None]).reshape(self.out_features, self.in_features)
+        return ((g - 8) * s.t()[..., None] + z.t()[..., None]).reshape(self.out_features, self.kernel_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
@@ -215,15 +266,18 @@ class Int4Linear(nn.Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if self.on_cpu:
+        if self.split:
+            x = torch.cat((x, x), dim=-1)
+        if self.kernel:
             sz = self.scales_and_zeros
-            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(sz.dtype), self.qweight,
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.kernel_in).to(sz.dtype), self.qweight,
                                                  self.groupsize, sz)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self._dequantize(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4, groupsize={self.groupsize}"
+        kind = "int8 as two int4 halves" if self.split else "int4"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, groupsize={self.groupsize}"
 
 
 # ---------------------------------------------------------------- a model
@@ -289,3 +343,64 @@ def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
                 setattr(parent, name, Int4Linear.from_packed(child, dtype).train(child.training))
                 swapped += 1
     return swapped
+
+
+# ---------------------------------------------------------------- GGUF integers kept as they are
+
+
+def kept_layer(rows: QuantizedRows, device, dtype: torch.dtype) -> nn.Linear:
+    """The layer that multiplies a GGUF tensor's codes as they are (w = q * scale + offset per
+    group): 4-bit codes as an Int4Linear, whose form (q - 8) s + z takes the offset as z = offset + 8 s;
+    8-bit codes, where the CPU runs the int4 kernel in bfloat16, as two 4-bit halves on it (torch's
+    int8 kernel takes one scale per row, not per group); else, and for groups of 16 (Q6_K) or shapes
+    the int4 layout cannot take, as int8 codes dequantized for each product (fused in a compiled step)."""
+    q, s, z = (t.to(device) for t in (rows.q, rows.scales, rows.zeros))
+    if rows.groupsize in INT4_GROUPS and q.size(0) % INT4_ROWS == 0:
+        if rows.bits == 4:
+            return Int4Linear(q, s, z + 8 * s, rows.groupsize, dtype)
+        if q.device.type == "cpu" and kernel_dtype(q.device, dtype) == torch.bfloat16:
+            return Int4Linear.from_int8_codes(q, s, z, rows.groupsize, dtype)
+    return Int8Linear(q.to(torch.int8), s, dtype, zeros=z, groupsize=rows.groupsize)
+
+
+def build_kept_model(checkpoint_dir: Path, config: Config, quantization: dict, device=None,
+                     dtype: torch.dtype = torch.float32) -> LLaMA:
+    """The model of a checkpoint converted by scripts/convert_gguf_checkpoint.py --keep_quantized:
+    each layer of the entry's `layers` multiplies its integers (kept_layer) on `device`; the
+    embedding looks up int8 rows (tied, the head holds the codes again, as the kernel takes them);
+    the norms are float in `dtype`."""
+    layers = quantization.get("layers")
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{checkpoint_dir}: the quantization entry of its config is corrupted: {quantization}")
+    with torch.device("meta"):
+        model = LLaMA(config)
+    state_dict = load_state_dict(checkpoint_dir)
+    for name, info in layers.items():  # one layer's codes unpacked at a time
+        rows = read_quantized_rows(state_dict, name, info, checkpoint_dir)
+        try:
+            expected = tuple(model.get_submodule(name).weight.shape)
+        except AttributeError:
+            raise CheckpointError(f"{checkpoint_dir}: its config has no layer {name}")
+        if tuple(rows.shape) != expected:
+            raise CheckpointError(f"weights in {checkpoint_dir}: {name} has shape {tuple(rows.shape)}, "
+                                  f"the config needs {expected}")
+        if name == "transformer.wte":  # looked up by rows, which the int4 kernel's layout cannot give
+            table = Int8Linear(rows.q.to(device=device, dtype=torch.int8), rows.scales.to(device), dtype,
+                               zeros=rows.zeros.to(device), groupsize=rows.groupsize)
+            model.transformer.wte = Int8Embedding(table, dtype, shared=False)
+            if config.tie_embeddings:  # the same codes a second time, in the kernel's layout for the head
+                model.lm_head = kept_layer(rows, device, dtype)
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, kept_layer(rows, device, dtype))
+        del rows
+    # the integer layers' own tensors count as present: every other tensor is checked as a float model's
+    state_dict.update({k: v for k, v in model.state_dict().items() if not v.is_meta})
+    check_state_dict(model, state_dict, checkpoint_dir)
+    model.load_state_dict(state_dict, assign=True)
+    for module in model.modules():  # the float tensors left (norms, unkept layers), in `dtype` on `device`
+        for key, t in list(module._parameters.items()):
+            if t is not None and t.is_floating_point():
+                module._parameters[key] = nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
+    release_freed_heap()
+    return model
