@@ -12,7 +12,8 @@ same thread count:
   same checkpoint (F32 with a float32 KV cache, F16 with llama.cpp's default float16 cache).
 - quantized: lit_llama's weight-only int8 and int4 (groups of 32, `--quantize int8|int4`, eager and
   compiled) and bf16 (`--precision bf16-true`, compiled) against llama.cpp's Q8_0 and Q4_0, quantized
-  by llama.cpp itself (`llama_model_quantize`) from the F32 file, and the embedded Q4_1 file as shipped.
+  by llama.cpp itself (`llama_model_quantize`) from the F32 file, and the embedded Q4_1 file as shipped;
+  and lit_llama on those three files converted with `--keep_quantized` (their integers as they are).
 
 For each it measures time to first token (prefill of a 512-token prompt + first token), prefill
 tokens/s (prompt tokens / TTFT), decode tokens/s (256 new tokens, greedy, batch 1 and batch 8, the
@@ -32,6 +33,7 @@ same path on CPU (how it is tested without a GPU).
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +50,7 @@ from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 from lit_llama.io.convert import HF_NAMES
 from lit_llama.io.default_model import GGUF_NAME, cache_dir
 from lit_llama.io.export import export_gguf, export_hf, source_tensors
+from lit_llama.io.gguf import convert_gguf_checkpoint
 from lit_llama.model import Config, LLaMA
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
@@ -61,6 +64,10 @@ CPU_SYSTEMS = ["lit_llama", "lit_llama_compile", "transformers", "transformers_s
 # llama.cpp itself from the F32 file (Q8_0, Q4_0) and on the file as shipped (Q4_1)
 QUANT_SYSTEMS = ["lit_llama_int8", "lit_llama_int8_compile", "lit_llama_int4", "lit_llama_int4_compile",
                  "lit_llama_bf16_compile", "llama_cpp_q8_0", "llama_cpp_q4_0", "llama_cpp_q4_1"]
+# the same three GGUF files converted with --keep_quantized: lit_llama multiplying llama.cpp's own integers
+KEPT = ("q8_0", "q4_0", "q4_1")
+KEPT_SYSTEMS = [f"lit_llama_gguf_{k}{c}" for k in KEPT for c in ("", "_compile")]
+QUANT_SYSTEMS += KEPT_SYSTEMS
 ALL_SYSTEMS = CPU_SYSTEMS + QUANT_SYSTEMS
 GPU_SYSTEMS = ["lit_llama", "lit_llama_compile", "transformers", "transformers_static_compile"]
 LABELS = {"lit_llama": "lit_llama (eager)", "lit_llama_compile": "lit_llama (compile)",
@@ -70,7 +77,9 @@ LABELS = {"lit_llama": "lit_llama (eager)", "lit_llama_compile": "lit_llama (com
           "lit_llama_int8": "lit_llama int8 (eager)", "lit_llama_int8_compile": "lit_llama int8 (compile)",
           "lit_llama_int4": "lit_llama int4 g32 (eager)", "lit_llama_int4_compile": "lit_llama int4 g32 (compile)",
           "lit_llama_bf16_compile": "lit_llama bf16 (compile)", "llama_cpp_q8_0": "llama.cpp Q8_0",
-          "llama_cpp_q4_0": "llama.cpp Q4_0", "llama_cpp_q4_1": "llama.cpp Q4_1 (as shipped)"}
+          "llama_cpp_q4_0": "llama.cpp Q4_0", "llama_cpp_q4_1": "llama.cpp Q4_1 (as shipped)",
+          **{f"lit_llama_gguf_{k}{c}": f"lit_llama GGUF {k.upper()} kept ({'compile' if c else 'eager'})"
+             for k in KEPT for c in ("", "_compile")}}
 LLAMA_CPP_QUANT = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 N_COMPARE = 32  # greedy tokens compared with lit_llama eager
 
@@ -104,6 +113,8 @@ def exports(checkpoint: Path, systems: List[str]) -> dict:
              "q8_0": WORK / "model-q8_0.gguf", "q4_0": WORK / "model-q4_0.gguf"}
     needed = {"hf"} if any(s.startswith("transformers") for s in systems) else set()
     needed |= {s[len("llama_cpp_"):] for s in systems if s.startswith("llama_cpp")} - {"q4_1"}
+    kept = {k for k in KEPT if any(s.startswith(f"lit_llama_gguf_{k}") for s in systems)}
+    needed |= kept - {"q4_1"}
     if needed & set(LLAMA_CPP_QUANT):
         needed.add("f32")  # llama.cpp quantizes from it
     for kind in ("hf", "f32", "f16", "q8_0", "q4_0"):
@@ -121,6 +132,13 @@ def exports(checkpoint: Path, systems: List[str]) -> dict:
             export_gguf(checkpoint, path, kind)
     out = {k: str(v) for k, v in paths.items()}
     out["q4_1"] = str(cache_dir() / GGUF_NAME)  # the embedded model's file as shipped
+    for k in sorted(kept):  # converted again whenever its GGUF is newer
+        path = WORK / f"kept-{k}"
+        if not (path / "lit_config.json").exists() or (path / "lit_config.json").stat().st_mtime < Path(out[k]).stat().st_mtime:
+            if path.exists():
+                shutil.rmtree(path)
+            convert_gguf_checkpoint(Path(out[k]), path, keep_quantized=True)
+        out[f"kept_{k}"] = str(path)
     return out
 
 
@@ -369,6 +387,8 @@ def run_system(spec: dict) -> dict:
     weights = None
     if system.startswith("lit_llama"):
         kind = system[len("lit_llama"):].replace("_compile", "").strip("_")
+        if kind.startswith("gguf_"):  # the GGUF file's integers, as they are
+            spec = {**spec, "checkpoint": spec["exports"][f"kept_{kind[len('gguf_'):]}"]}
         runner = LitRunner(spec, device, compile=system.endswith("compile"),
                            quantize=kind if kind in ("int8", "int4") else None,
                            precision="bf16-true" if kind == "bf16" else "32-true")
@@ -525,6 +545,10 @@ def goals(results: List[dict]) -> List[str]:
         if ours in d and peer in d:
             r = d[ours] / d[peer]
             out.append(f"{LABELS[ours]} / {LABELS[peer]}: {r:.2f}x (target >= {target}x: {'met' if r >= target else 'not met'})")
+    for k in KEPT:  # the same file's integers in both (no target set)
+        ours = max([d[s] for s in (f"lit_llama_gguf_{k}", f"lit_llama_gguf_{k}_compile") if s in d], default=None)
+        if ours and f"llama_cpp_{k}" in d:
+            out.append(f"lit_llama GGUF {k.upper()} kept (best) / {LABELS[f'llama_cpp_{k}']}: {ours / d[f'llama_cpp_{k}']:.2f}x")
     return out
 
 
@@ -571,7 +595,9 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
             transformers, transformers_static_compile, llama_cpp_f32, llama_cpp_f16; quantized and
             bf16: lit_llama_int8, lit_llama_int8_compile, lit_llama_int4, lit_llama_int4_compile,
             lit_llama_bf16_compile, llama_cpp_q8_0, llama_cpp_q4_0 (quantized by llama.cpp from the
-            F32 file), llama_cpp_q4_1 (the embedded GGUF as shipped).
+            F32 file), llama_cpp_q4_1 (the embedded GGUF as shipped); lit_llama_gguf_q8_0,
+            lit_llama_gguf_q4_0, lit_llama_gguf_q4_1 (and _compile): those three files converted with
+            --keep_quantized.
         model: `embedded` (the default on CPU) or `random:<config name>` (default on cuda: random:7B).
         profile: print a torch.profiler table of lit_llama decode step(s) instead of benchmarking.
         profile_steps: decode steps inside the profile.
