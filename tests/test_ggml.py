@@ -9,7 +9,6 @@ the gguf package's own dequantization of the v3 blocks, exactly: a misread scale
 fifth bit shows up as a wrong weight. Q and K rows are written in Meta's interleaved order by a
 permutation written here; the tokenizer is compared with the SentencePiece model it came from."""
 
-import io
 import struct
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError
 
 from conftest import run_script
+# the same tiny SentencePiece model and rotary permutation as the GGUF tests
+from test_convert_gguf import halves_to_interleaved, spm_model, spm_processor  # noqa: F401 (a fixture)
 
 N_LAYER, N_EMBD, N_HEAD, VOCAB = 2, 64, 4, 400  # every row a multiple of 32 (one quant block)
 HEAD = N_EMBD // N_HEAD
@@ -51,26 +52,6 @@ SAMPLES = ["Hello, world!", "The  quick brown fox\njumps over\n\n the lazy dog."
 # ---------------------------------------------------------------- writing legacy files
 
 
-@pytest.fixture(scope="module")
-def spm_model() -> bytes:
-    """A tiny SentencePiece BPE model with byte fallback (byte pieces at ids 3..258, as LLaMA's)."""
-    import pydoc_data.topics
-    import sentencepiece as spm
-
-    lines = [l for text in pydoc_data.topics.topics.values() for l in text.splitlines() if l.strip()]
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines[:3000]), model_writer=out, vocab_size=VOCAB,
-                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, minloglevel=2)
-    return out.getvalue()
-
-
-def spm_processor(model: bytes):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_proto=model)
-
-
 def legacy_vocab(spm: bytes, early: bool = False):
     """(token bytes, scores) as llama.cpp's convert-pth-to-ggml.py (from 2a20f48ef) and convert.py
     wrote them: '▁' as a space, byte pieces as the byte, <unk> as ' ⁇ ', control pieces empty.
@@ -89,12 +70,6 @@ def legacy_vocab(spm: bytes, early: bool = False):
         else:
             tokens.append(sp.id_to_piece(i).replace("\u2581", " ").encode())
     return tokens, [sp.get_score(i) for i in range(sp.vocab_size())]
-
-
-def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Our rotate-halves q/k rows to Meta's adjacent pairs (the inverse of Hugging Face's permutation)."""
-    out, dim = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, dim).transpose(1, 2).reshape(out, dim)
 
 
 def source_weights(case: str, seed: int = 0) -> dict:
