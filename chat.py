@@ -31,12 +31,13 @@ def main(
 
     Args:
         checkpoint_dir: the model's checkpoint directory (default: the embedded SmolLM2-135M-Instruct).
-        template: the chat template: checkpoint (the checkpoint's own), chatml, llama-2, alpaca, vicuna or
+        template: the chat template: checkpoint (the checkpoint's own), chatml, llama-2, llama-3, alpaca, vicuna or
             baize. Default: the one recorded with the finetuned weights or the checkpoint, else the
             checkpoint's own.
         system: a system message for the whole conversation (default: the template's own, if any).
         seed: random seed for sampling.
-        max_seq_length: use at most this many tokens of context (default: the model's context).
+        max_seq_length: use at most this many tokens of context (default: the model's context, at
+            most 8192, since the KV cache is allocated whole).
         compile: compile the decode step with torch.compile (one graph per key-length bucket).
     """
     sampling.check()

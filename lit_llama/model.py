@@ -25,10 +25,13 @@ class Config:
     n_head: int = 32
     n_embd: int = 4096
     n_query_groups: Optional[int] = None  # key/value heads; < n_head is grouped-query attention
+    head_size: Optional[int] = None  # None: n_embd // n_head; some models set head_dim apart from it
     intermediate_size: Optional[int] = None  # MLP hidden size; None: LLaMA's formula below
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     rope_base: float = 10000.0
+    # None: plain RoPE; else {"type": "linear" | "dynamic" | "llama3", "factor": f, ...} (see rope_frequencies)
+    rope_scaling: Optional[dict] = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
 
@@ -38,19 +41,20 @@ class Config:
             self.padded_vocab_size = m * math.ceil(self.vocab_size / m)
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
-        if self.n_embd % self.n_head or self.n_head % self.n_query_groups:
+        if (self.head_size is None and self.n_embd % self.n_head) or self.n_head % self.n_query_groups:
             raise ValueError(f"n_embd ({self.n_embd}), n_head ({self.n_head}) and n_query_groups "
                              f"({self.n_query_groups}) must divide each other")
+        if self.head_size is None:
+            self.head_size = self.n_embd // self.n_head
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
+            self.rope_scaling = dict(self.rope_scaling)  # a copy: configs made from one registry entry share none
         if self.intermediate_size is None:
             # LLaMA: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to `multiple_of`
             hidden = int(2 * 4 * self.n_embd / 3)
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "Config":
@@ -61,6 +65,13 @@ class Config:
     def asdict(self) -> dict:
         return asdict(self)
 
+
+def llama3_scaling(factor: float) -> dict:
+    return dict(type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+
+
+LLAMA3 = dict(block_size=131072, vocab_size=128256, n_query_groups=8, rope_base=500000.0)
 
 # the registry keeps only what is given, so that from_name's overrides re-derive the rest
 configs = {c["name"]: c for c in [
@@ -74,6 +85,22 @@ configs = {c["name"]: c for c in [
     dict(name="Llama-2-13b", block_size=4096, n_layer=40, n_head=40, n_embd=5120),
     dict(name="Llama-2-70b", block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
          ffn_dim_multiplier=1.3, multiple_of=4096),
+    # Llama 3 (Grattafiori et al. 2024): a 128256-token vocabulary, 8 key/value heads, RoPE base 5e5
+    # stretched from 8192 to 131072 positions by the "llama3" scaling; 3.2's small models are tied
+    dict(name="Llama-3.2-1B", **LLAMA3, n_layer=16, n_head=32, n_embd=2048, intermediate_size=8192,
+         rope_scaling=llama3_scaling(32.0), tie_embeddings=True),
+    dict(name="Llama-3.2-3B", **LLAMA3, n_layer=28, n_head=24, n_embd=3072, intermediate_size=8192,
+         rope_scaling=llama3_scaling(32.0), tie_embeddings=True),
+    dict(name="Llama-3.1-8B", **LLAMA3, n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336,
+         rope_scaling=llama3_scaling(8.0)),
+    dict(name="Llama-3.1-70B", **LLAMA3, n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672,
+         rope_scaling=llama3_scaling(8.0)),
+    # Code Llama: Llama 2 trained on 16k-token code contexts with RoPE base 1e6, 16 extra tokens (infilling)
+    dict(name="CodeLlama-7b", block_size=16384, vocab_size=32016, padding_multiple=16, n_layer=32, n_head=32,
+         n_embd=4096, intermediate_size=11008, rope_base=1e6),
+    # TinyLlama: Llama 2's architecture at 1.1B with 4 key/value heads
+    dict(name="TinyLlama-1.1B", block_size=2048, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4,
+         intermediate_size=5632),
     # SmolLM2: small LLaMA-architecture models with tied embeddings
     dict(name="SmolLM2-135M", block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_embd=576,
          n_query_groups=3, intermediate_size=1536, rope_base=100000.0, tie_embeddings=True),
@@ -101,13 +128,58 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(pos: torch.Tensor, head_size: int, base: float, dtype: torch.dtype):
+# the keys each kind of rope_scaling needs, besides "type"
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope scaling {kind!r} is not supported; supported: {', '.join(ROPE_SCALING_KEYS)}")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"rope scaling {kind!r} lacks {', '.join(missing)}")
+
+
+def rope_frequencies(pos: torch.Tensor, config: Config) -> torch.Tensor:
+    """The rotation frequency of each pair of a head, theta_i = base^(-2i/d), float32 (d/2,), rescaled
+    to stretch a model's context past the one it was trained for as `config.rope_scaling` says:
+
+      linear   every frequency divided by the factor: positions interpolated (Chen et al. 2023)
+      dynamic  "NTK-aware": the base grows with the longest position in `pos` once past the original
+               context, base (f L / L0 - (f - 1))^(d / (d - 2)), so the lowest frequency is slowed f-fold
+      llama3   low frequencies (wavelengths past L0 / low_freq_factor) divided by the factor, high ones
+               (below L0 / high_freq_factor) kept, those between blended linearly in L0 / wavelength
+    """
+    d, base = config.head_size, config.rope_base
+    scaling = config.rope_scaling or {}
+    kind, factor = scaling.get("type"), scaling.get("factor", 1.0)
+    exponents = torch.arange(0, d, 2, device=pos.device).float() / d
+    if kind == "dynamic":  # tensor arithmetic, not int(pos.max()): no sync, nothing for a compiled step to break on
+        length = pos.max().float() + 1
+        stretch = (factor * length / scaling["original_max_position_embeddings"] - (factor - 1)).clamp(min=1)
+        base = base * stretch ** (d / (d - 2))
+    inv_freq = 1.0 / (base ** exponents)
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    elif kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        periods_in_context = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
+        smooth = ((periods_in_context - low) / (high - low)).clamp(0, 1)  # 0: scaled, 1: kept
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rope_cos_sin(pos: torch.Tensor, config: Config, dtype: torch.dtype):
     """cos and sin of the rotary angles for positions `pos`, shape (len(pos), head_size).
 
     Computed per call from the positions: no cache to build, move or resize, and cheap next to the
-    matmuls (one outer product)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=pos.device).float() / head_size))
-    freqs = pos.float()[:, None] * inv_freq[None, :]
+    matmuls (one outer product; a compiled step folds the frequencies into constants)."""
+    freqs = pos.float()[:, None] * rope_frequencies(pos, config)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -266,7 +338,7 @@ class LLaMA(nn.Module):
                 mask = pos[:, None] >= torch.arange(kv_len, device=idx.device)[None, :]
         pos = pos if positions is None else positions
         x = self.transformer.wte(idx)
-        cos, sin = rope_cos_sin(pos.flatten(), c.head_size, c.rope_base, x.dtype)
+        cos, sin = rope_cos_sin(pos.flatten(), c, x.dtype)
         if pos.dim() == 2:  # one row of positions per sequence: broadcast over the heads
             cos, sin = cos.view(pos.size(0), 1, T, -1), sin.view(pos.size(0), 1, T, -1)
         for block in self.transformer.h:

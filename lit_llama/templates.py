@@ -6,7 +6,7 @@
     `tokenizer_config.json` / `chat_template.jinja`, or GGUF metadata, which the GGUF converter copies
     into `tokenizer_config.json`), rendered in a sandbox the way transformers' `apply_chat_template`
     renders it;
-  - built-ins: "chatml" (SmolLM2, Qwen, ...), "llama-2" (`[INST]`), "alpaca", "vicuna" (v1.1) and
+  - built-ins: "chatml" (SmolLM2, Qwen, ...), "llama-2" (`[INST]`), "llama-3", "alpaca", "vicuna" (v1.1) and
     "baize" (`[|Human|]` / `[|AI|]`).
   Each template knows its stop strings (text that ends the answer) and stop tokens (special tokens
   that end a turn), and whether it writes BOS itself.
@@ -178,6 +178,19 @@ class Llama2(ChatTemplate):
         return "".join(out)
 
 
+class Llama3(ChatTemplate):
+    """Meta's Llama 3 Instruct format: `<|begin_of_text|>` once, then per message
+    `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>` (contents stripped), and the
+    assistant's header to answer after (Meta's reference code and Llama 3's Hugging Face template)."""
+
+    def _render(self, messages, add_generation_prompt, bos_token, eos_token):
+        system, rest = _split_system(messages, self.default_system)
+        turns = ([{"role": "system", "content": system}] if system is not None else []) + rest
+        out = bos_token + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                                  for m in turns)
+        return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
 class Alpaca(ChatTemplate):
     """Stanford Alpaca's instruction format (what finetune/ trains on), one `### Instruction:` /
     `### Response:` pair per turn; an answer ends with EOS, as in the training data. A single turn
@@ -241,6 +254,8 @@ BUILTIN: Dict[str, ChatTemplate] = {t.name: t for t in [
     ChatML("chatml", stop_strings=("<|im_end|>", "<|im_start|>"), stop_tokens=("<|im_end|>",),
            description="<|im_start|>role ... <|im_end|> (SmolLM2, Qwen, OpenHermes)"),
     Llama2("llama-2", stop_strings=("[INST]",), adds_bos=True, description="Llama-2-chat's <s>[INST] ... [/INST]"),
+    Llama3("llama-3", stop_strings=("<|start_header_id|>",), stop_tokens=("<|eot_id|>", "<|eom_id|>"), adds_bos=True,
+           description="Llama 3 Instruct's <|start_header_id|>role<|end_header_id|> ... <|eot_id|>"),
     Alpaca("alpaca", stop_strings=("### Instruction:", "### Response:"), default_system=ALPACA_HEADER,
            description="Stanford Alpaca's ### Instruction / ### Response (what finetune/ trains on)"),
     Vicuna("vicuna", stop_strings=("USER:",), default_system=VICUNA_SYSTEM, description="Vicuna v1.1's USER: / ASSISTANT:"),

@@ -36,7 +36,7 @@ def main(
             or Baize's released data ({"input": "[|Human|] ... [|AI|] ..."}).
         checkpoint_dir: the checkpoint whose tokenizer is used (the model you will finetune).
         destination_path: folder to write train.pt, val.pt and meta.json into.
-        template: the chat template: baize (Baize's [|Human|]/[|AI|], default), chatml, llama-2, alpaca,
+        template: the chat template: baize (Baize's [|Human|]/[|AI|], default), chatml, llama-2, llama-3, alpaca,
             vicuna, or checkpoint (the checkpoint's own Jinja template).
         max_seq_length: a longer dialogue keeps the leading exchanges that fit (Baize: 512).
         val_fraction: fraction of dialogues held out for validation.

@@ -25,11 +25,11 @@ def default_gguf(default_checkpoint) -> Path:
     return cache_dir() / GGUF_NAME
 
 
-def run_script(*args, env=None, timeout=600):
-    """Run a repo script with this interpreter; returns the CompletedProcess (text mode)."""
+def run_script(*args, env=None, timeout=600, input=None):
+    """Run a repo script with this interpreter (`input`: its stdin); returns the CompletedProcess (text mode)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, input=input)
 
 
 def top1_agreement(got, want, bound: float):

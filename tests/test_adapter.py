@@ -100,7 +100,7 @@ def test_adapter_attention_matches_explicit_formula(name):
         attn.gating_factor.copy_(torch.randn(model.config.n_head))
         attn.adapter_wte.weight.copy_(torch.randn_like(attn.adapter_wte.weight))
     x = torch.randn(2, 7, model.config.n_embd)
-    cos, sin = rope_cos_sin(torch.arange(7), model.config.head_size, model.config.rope_base, x.dtype)
+    cos, sin = rope_cos_sin(torch.arange(7), model.config, x.dtype)
     with torch.no_grad():
         out = attn(x, cos, sin)
         torch.testing.assert_close(out, _reference_adapter_attention(attn, x, cos, sin))

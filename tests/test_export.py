@@ -32,6 +32,7 @@ from lit_llama.io.export import export_gguf, export_hf, halves_to_interleaved
 from lit_llama.io.convert import interleaved_to_halves
 from lit_llama.model import LLaMA, Config
 from lit_llama.tokenizer import Tokenizer
+from lit_llama.utils import UserError
 from test_convert_gguf import error_bound
 
 SAMPLES = ["Hello, world!", "The  quick brown fox\njumps over\n\n the lazy dog.", "café 東京 naïve 🙂",
@@ -96,6 +97,14 @@ TINY = {
     "mha-untied-spm": ("tiny", dict(vocab_size=500, rope_base=10000.0, norm_eps=1e-6), "spm"),
     "gqa-tied-bpe": ("tiny-gqa", dict(vocab_size=500, rope_base=500000.0, intermediate_size=192), "bpe"),
 }
+# rope scaling, with an original context below the test's positions: at head size 16 and base 1e4, llama3
+# keeps one frequency, blends two (wavelengths 20 and 63, between 16 and 64) and divides the rest
+SCALED_TINY = {
+    "llama3-bpe": ("tiny-gqa", dict(vocab_size=500, intermediate_size=192, rope_scaling=dict(
+        type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+        "bpe"),
+    "linear-spm": ("tiny", dict(vocab_size=500, rope_scaling=dict(type="linear", factor=4.0)), "spm"),
+}
 
 
 def random_lit_model(config: Config, seed: int = 0) -> LLaMA:
@@ -119,7 +128,7 @@ def tiny(tmp_path_factory):
 
     def make(case: str) -> Path:
         if case not in done:
-            name, overrides, kind = TINY[case]
+            name, overrides, kind = {**TINY, **SCALED_TINY}[case]
             root = tmp_path_factory.mktemp(case)
             config = Config.from_name(name, **overrides, block_size=128)
             assert config.padded_vocab_size > config.vocab_size
@@ -443,6 +452,50 @@ def test_llama_cpp_runs_tiny_f32_exports(tiny, exported, case):
     for t, got_ids in zip(SAMPLES, out["tokens"]):
         assert got_ids == tok.encode(t).tolist(), t
     torch.testing.assert_close(out["logits"], ours(torch.tensor([ids]))[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", list(SCALED_TINY))
+@torch.no_grad()
+def test_rope_scaling_survives_export(tiny, exported, tmp_path, case):
+    """transformers reads the scaling from our config.json, and our GGUF converter from our GGUF
+    (llama3's as the rope_freqs tensor): both give our logits at positions past the original context."""
+    from transformers import LlamaForCausalLM
+
+    ckpt = tiny(case)
+    ours = load_model(ckpt).eval()
+    idx = ids_for(ours.config.vocab_size, (1, 90))
+    want = ours(idx)
+    ref = LlamaForCausalLM.from_pretrained(exported(ckpt, "hf"), dtype=torch.float32).eval()
+    torch.testing.assert_close(ref(idx).logits, want, **TOL)
+    convert_gguf_checkpoint(exported(ckpt, "gguf", "f32"), tmp_path / "back")
+    back = load_model(tmp_path / "back").eval()
+    assert back.config.rope_scaling == ours.config.rope_scaling
+    torch.testing.assert_close(back(idx), want, **TOL)
+    ours.config.rope_scaling = None  # guard: the scaling matters here
+    assert (ours(idx) - want).abs().max() > 1e-2
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("case", list(SCALED_TINY))
+@torch.no_grad()
+def test_llama_cpp_runs_rope_scaled_exports(tiny, exported, case):
+    ckpt = tiny(case)
+    ours = load_model(ckpt).eval()
+    ids = ids_for(ours.config.vocab_size, (1, 90))[0].tolist()
+    got = llama_cpp(exported(ckpt, "gguf", "f32"), ids, n_ctx=128)["logits"]
+    torch.testing.assert_close(got, ours(torch.tensor([ids]))[0], rtol=1e-3, atol=1e-3)
+
+
+def test_dynamic_rope_scaling_is_not_exported_to_gguf(tiny, tmp_path):
+    ckpt = tiny("linear-spm")
+    config = json.loads((ckpt / "lit_config.json").read_text())
+    config["rope_scaling"] = {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64}
+    dynamic = tmp_path / "dynamic"
+    shutil.copytree(ckpt, dynamic)
+    (dynamic / "lit_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="no dynamic"):
+        export_gguf(dynamic, tmp_path / "out.gguf", "f32")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_a_crash_in_the_subprocess_fails_only_the_caller():

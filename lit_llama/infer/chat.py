@@ -13,6 +13,9 @@ from lit_llama.templates import ChatFormat, get_template
 from lit_llama.utils import UserError
 
 
+DEFAULT_CONTEXT = 8192
+
+
 class ChatSession:
     """One conversation with a model: `respond(message)` streams the answer and remembers the turn.
 
@@ -27,8 +30,9 @@ class ChatSession:
         self.model, self.tokenizer, self.fmt, self.device = model, tokenizer, fmt, device
         self.system = system or None
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
-        block = model.config.block_size
-        self.context = min(block, max_seq_length) if max_seq_length else block
+        # by default at most DEFAULT_CONTEXT: the cache is allocated whole, and Llama 3.1's 131072
+        # positions would take 8.6 GB at 1B parameters in float32
+        self.context = min(model.config.block_size, max_seq_length or DEFAULT_CONTEXT)
         self.compile = compile
         self.drafter, self.draft_tokens = drafter, draft_tokens  # speculative decoding (lit_llama/infer/speculative.py)
         self._engine: Optional[Engine] = None  # made at the first answer

@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -17,13 +17,15 @@ from lit_llama.model import LLaMA
 from lit_llama.templates import instruction_prompt
 
 
-def print_completion(model: LLaMA, tokenizer, prompt: str, device, max_new_tokens: int, *, temperature: float = 0.0,
-                     top_k: Optional[int] = None, top_p: float = 1.0, step: Callable = decode_step) -> str:
-    """Generate after `prompt`, streaming the text to stdout and the speed to stderr; returns the text."""
-    encoded = tokenizer.encode(prompt).to(device)
+def print_completion(model: LLaMA, tokenizer, prompt: Union[str, List[int]], device, max_new_tokens: int, *,
+                     temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+                     step: Callable = decode_step, stop_ids: Optional[Sequence[int]] = None) -> str:
+    """Generate after `prompt` (text, or token ids as a chat format renders them), streaming the text
+    to stdout and the speed to stderr; returns the text. Stops at `stop_ids` (default: the tokenizer's)."""
+    ids = tokenizer.encode(prompt).tolist() if isinstance(prompt, str) else list(prompt)
     t0, pieces, n = time.perf_counter(), [], 0
-    tokens = generate(model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      stop_ids=tokenizer.stop_ids, step=step)
+    tokens = generate(model, torch.tensor(ids, device=device), max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, stop_ids=tokenizer.stop_ids if stop_ids is None else stop_ids, step=step)
 
     def counted(tokens):
         nonlocal n

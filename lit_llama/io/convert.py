@@ -14,7 +14,9 @@ import torch
 
 from lit_llama.io.checkpoint import (KEPT_METHOD, QuantizedRows, ShardedWriter, copy_tokenizer_files, load_safetensors,
                                      quantized_rows_tensors, torch_load, write_config)
-from lit_llama.model import Config
+from lit_llama.io.tiktoken_file import (LLAMA3_STOP, is_tiktoken_file, llama3_special_tokens, read_tiktoken_ranks,
+                                       tokenizer_json)
+from lit_llama.model import ROPE_SCALING_KEYS, Config, check_rope_scaling, llama3_scaling
 from lit_llama.templates import check_template_name, save_template_name
 from lit_llama.utils import UserError, atomic_dir
 
@@ -162,6 +164,37 @@ def missing_tensor(name: str, where: Path):
 # ---------------------------------------------------------------- Hugging Face
 
 
+def hf_rope(c: dict, path: Path) -> Tuple[float, Optional[dict], int]:
+    """(rope base, Config.rope_scaling, context length) of a config.json: transformers 4.x writes
+    rope_theta and rope_scaling, 5.x one rope_parameters dict with both."""
+    params = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or params
+    base = float(c.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    context = c.get("max_position_embeddings", 2048)
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return base, None, context
+    ours = {"type": kind, **{k: scaling[k] for k in ROPE_SCALING_KEYS.get(kind, ()) if k in scaling}}
+    if kind == "dynamic":  # transformers stretches from max_position_embeddings: the context grows by the factor
+        ours["original_max_position_embeddings"] = context
+        context = int(context * scaling.get("factor", 1))
+    try:
+        check_rope_scaling(ours)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}")
+    return base, ours, context
+
+
+def hf_rope_keys(config: Config) -> dict:
+    """hf_rope's inverse: the rope keys of a config.json for `config`, in 4.x's and 5.x's spelling."""
+    scaling = dict(config.rope_scaling or {"type": "default"})
+    kind = scaling.pop("type")
+    context = scaling.pop("original_max_position_embeddings") if kind == "dynamic" else config.block_size
+    return {"max_position_embeddings": context, "rope_theta": config.rope_base,
+            "rope_scaling": None if kind == "default" else {"rope_type": kind, **scaling},
+            "rope_parameters": {"rope_type": kind, "rope_theta": config.rope_base, **scaling}}
+
+
 def hf_config(checkpoint_dir: Path, name: str = "") -> Config:
     path = checkpoint_dir / "config.json"
     if not path.is_file():
@@ -170,26 +203,28 @@ def hf_config(checkpoint_dir: Path, name: str = "") -> Config:
         c = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e})")
-    if c.get("model_type", "llama") not in ("llama", "mistral"):
-        raise UserError(f"{path}: model_type {c.get('model_type')!r} is not supported, only llama")
-    if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise UserError(f"{path}: rope scaling is not supported")
+    kind = (c.get("model_type", "llama"), (c.get("architectures") or ["LlamaForCausalLM"])[0])
+    if kind == ("mistral", "MistralForCausalLM") and c.get("sliding_window"):
+        raise UserError(f"{path}: MistralForCausalLM with sliding-window attention ({c['sliding_window']} "
+                        f"tokens) is not supported; without one (sliding_window null) it is a LLaMA")
+    if kind not in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")):
+        raise UserError(f"{path}: {kind[1]} (model_type {kind[0]!r}) is not supported, only LlamaForCausalLM "
+                        f"(LLaMA, Llama 2 and 3, Code Llama, TinyLlama, SmolLM2, ...)")
     if c.get("attention_bias") or c.get("mlp_bias"):
-        raise UserError(f"{path}: linear biases are not supported")
+        raise UserError(f"{path}: linear biases (attention_bias / mlp_bias) are not supported")
+    if c.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{path}: hidden_act {c['hidden_act']!r} is not supported, only silu (SwiGLU)")
     missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
                            "intermediate_size") if k not in c]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a LLaMA config")
-    n_embd, n_head = c["hidden_size"], c["num_attention_heads"]
-    if c.get("head_dim") not in (None, n_embd // n_head):
-        raise UserError(f"{path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
-    rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope_base, rope_scaling, context = hf_rope(c, path)
     return Config(
-        name=name or checkpoint_dir.name, block_size=c.get("max_position_embeddings", 2048),
-        vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
-        n_query_groups=c.get("num_key_value_heads") or n_head, intermediate_size=c["intermediate_size"],
-        rope_base=float(rope_base), norm_eps=c.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        name=name or checkpoint_dir.name, block_size=context, vocab_size=c["vocab_size"],
+        n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+        n_query_groups=c.get("num_key_value_heads") or c["num_attention_heads"], head_size=c.get("head_dim"),
+        intermediate_size=c["intermediate_size"], rope_base=rope_base, rope_scaling=rope_scaling,
+        norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
     )
 
 
@@ -249,15 +284,36 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optiona
 
 
 def meta_config(params: dict, vocab_size: int, name: str, block_size: Optional[int]) -> Config:
-    # params.json has no context length: Llama 2 files (eps 1e-5 or n_kv_heads) had 4096, LLaMA 2048
+    # params.json has no context length: Llama 3 files (rope_theta 5e5) had 8192, 131072 with the
+    # scaled rope of 3.1 on; Llama 2 files (eps 1e-5 or n_kv_heads) 4096; LLaMA 2048
     llama2 = params.get("norm_eps") == 1e-5 or "n_kv_heads" in params
+    llama3 = params.get("rope_theta") == 500000.0
+    scaled = params.get("use_scaled_rope", False)
+    context = 131072 if scaled else 8192 if llama3 else 4096 if llama2 else 2048
     return Config(
-        name=name, block_size=block_size or (4096 if llama2 else 2048), vocab_size=vocab_size,
+        name=name, block_size=block_size or context, vocab_size=vocab_size,
         n_layer=params["n_layers"], n_head=params["n_heads"], n_embd=params["dim"],
         n_query_groups=params.get("n_kv_heads") or params["n_heads"],
         multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         rope_base=float(params.get("rope_theta", 10000.0)), norm_eps=params.get("norm_eps", 1e-6),
+        # params.json gives no factor: Meta's code uses 32 for Llama 3.2's 1B and 3B (widths 2048 and
+        # 3072), 8 for the rest, as transformers' config.json files of those models say
+        rope_scaling=llama3_scaling(params.get("rope_scaling_factor") or (32.0 if params["dim"] <= 3072 else 8.0))
+        if scaled else None,
     )
+
+
+def write_llama3_tokenizer(tmp: Path, ranks: Dict[bytes, int], vocab_size: int, chat: bool) -> None:
+    """tokenizer.json and the configs that make our Tokenizer (and transformers) encode as Meta's
+    tiktoken tokenizer: BOS prepended, generation stopping at the end of text, message or turn."""
+    special = llama3_special_tokens(vocab_size - len(ranks))
+    ids = {t: len(ranks) + i for i, t in enumerate(special)}
+    (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json(ranks, special), ensure_ascii=False))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>" if chat else "<|end_of_text|>",
+        "add_bos_token": True, "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=1))
+    (tmp / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": [ids[t] for t in LLAMA3_STOP if t in ids]}, indent=1))
 
 
 def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_path: Optional[Path] = None,
@@ -286,7 +342,12 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
     except json.JSONDecodeError:
         raise UserError(f"{params_path} is not valid JSON")
     vocab_size = params.get("vocab_size", -1)
-    if vocab_size <= 0:
+    ranks = read_tiktoken_ranks(tokenizer) if is_tiktoken_file(tokenizer) else None  # Llama 3
+    if ranks is not None:
+        vocab_size = vocab_size if vocab_size > 0 else len(ranks) + 256
+        if vocab_size < len(ranks):
+            raise UserError(f"{params_path}: vocab_size {vocab_size} is below the {len(ranks)} tokens of {tokenizer}")
+    elif vocab_size <= 0:
         import sentencepiece as spm
 
         try:
@@ -311,9 +372,14 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
     def finish(tmp: Path):
         import shutil
 
+        chat = any(w in checkpoint_dir.name.lower() for w in ("chat", "instruct"))
+        if ranks is not None:
+            write_llama3_tokenizer(tmp, ranks, vocab_size, chat)
+            record_template(tmp, template or ("llama-3" if chat else None))
+            return
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         llama2 = params.get("norm_eps") == 1e-5 or "n_kv_heads" in params
-        record_template(tmp, template or ("llama-2" if llama2 and "chat" in checkpoint_dir.name.lower() else None))
+        record_template(tmp, template or ("llama-2" if llama2 and chat else None))
 
     tensors = lit_tensors(config, get, META_NAMES, interleaved_rope=True, dtype=parse_dtype(dtype))
     write_checkpoint(output_dir, config, tensors, finish)

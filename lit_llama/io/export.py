@@ -29,17 +29,15 @@ import numpy as np
 import torch
 
 from lit_llama.io.checkpoint import load_model
-from lit_llama.io.convert import HF_NAMES
-from lit_llama.io.gguf import GGUF_NAMES
+from lit_llama.io.convert import HF_NAMES, hf_rope_keys
+from lit_llama.io.gguf import GGUF_NAMES, ROPE_FREQS, rope_factors
+from lit_llama.io.tiktoken_file import LLAMA3_PATTERN
 from lit_llama.model import Config
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.utils import UserError, atomic_dir, atomic_file
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-# Llama 3's pre-tokenizer split (the `llama-bpe` pre-tokenizer in llama.cpp)
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -147,7 +145,7 @@ def _bpe_pre_name(tj: dict, path: Path) -> str:
     if len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") \
             and byte_level(parts[1], True):
         return "smollm"  # GPT-2's split after single digits (SmolLM, StarCoder)
-    if len(parts) == 2 and parts[0].get("type") == "Split" and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT \
+    if len(parts) == 2 and parts[0].get("type") == "Split" and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_PATTERN \
             and parts[0].get("behavior", "Isolated").lower() == "isolated" and byte_level(parts[1], False):
         return "llama-bpe"
     raise UserError(f"{path}: its pre-tokenizer ({json.dumps(pre)[:200]}) has no llama.cpp equivalent known to "
@@ -261,6 +259,12 @@ def add_gguf_metadata(writer, config: Config, name: str, dtype: str, vocab: GGUF
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_base)
     writer.add_rope_dimension_count(config.head_size)
+    if config.head_size * config.n_head != config.n_embd:  # llama.cpp assumes n_embd / n_head otherwise
+        writer.add_key_length(config.head_size)
+        writer.add_value_length(config.head_size)
+    if (config.rope_scaling or {}).get("type") == "linear":  # llama3's travels as the rope_freqs tensor
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
     writer.add_vocab_size(config.vocab_size)
     ft = gguf.LlamaFileType
     writer.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0}[dtype])
@@ -305,11 +309,18 @@ def export_gguf(checkpoint_dir: Path, output_path: Path, dtype: Optional[str] = 
     config, sd, tokenizer = load_checkpoint(checkpoint_dir)
     if dtype is None:
         dtype = "f16" if sd["transformer.wte.weight"].dtype in (torch.float16, torch.bfloat16) else "f32"
+    kind = (config.rope_scaling or {}).get("type")
+    if kind == "dynamic":
+        raise UserError("llama.cpp has no dynamic (NTK) rope scaling: this checkpoint cannot be exported to GGUF")
     vocab = gguf_vocab(checkpoint_dir, tokenizer, config.vocab_size)
     plan = []
     for s in source_tensors(config, sd):
         name = GGUF_NAMES[s.role].format(i=s.layer)
         plan.append((name, s, gguf_tensor_type(s.shape, dtype)))
+    if kind == "llama3":
+        factors = rope_factors(config)
+        source = Source("rope_freqs", None, tuple(factors.shape), lambda: factors)
+        plan.insert(0, (ROPE_FREQS, source, gguf_tensor_type(source.shape, dtype)))
     with atomic_file(output_path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         add_gguf_metadata(writer, config, config.name or checkpoint_dir.name, dtype, vocab, tokenizer)
@@ -370,9 +381,7 @@ def hf_config_dict(config: Config, dtype: torch.dtype, tokenizer) -> dict:
         "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_query_groups, "head_dim": config.head_size,
-        "hidden_act": "silu", "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_base, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "hidden_act": "silu", "rms_norm_eps": config.norm_eps, **hf_rope_keys(config),
         "vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
         "initializer_range": 0.02, "use_cache": True,

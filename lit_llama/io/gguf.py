@@ -13,7 +13,9 @@ Other types (Q2_K, Q3_K, the IQ formats) are dequantized to float, with one warn
 """
 
 import json
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -22,7 +24,8 @@ import torch
 
 from lit_llama.io.checkpoint import QuantizedRows
 from lit_llama.io.convert import lit_tensors, parse_dtype, record_template, write_checkpoint
-from lit_llama.model import Config
+from lit_llama.io.tiktoken_file import LLAMA3_PATTERN
+from lit_llama.model import Config, llama3_scaling, rope_frequencies
 from lit_llama.templates import check_template_name
 from lit_llama.utils import UserError
 
@@ -32,6 +35,7 @@ GGUF_NAMES = {
     "o": "blk.{i}.attn_output.weight", "gate": "blk.{i}.ffn_gate.weight", "up": "blk.{i}.ffn_up.weight",
     "down": "blk.{i}.ffn_down.weight", "attn_norm": "blk.{i}.attn_norm.weight", "ffn_norm": "blk.{i}.ffn_norm.weight",
 }
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 on: the rope scaling as one divisor per frequency
 
 
 def read_gguf(path: Path):
@@ -58,31 +62,81 @@ def gguf_metadata(reader) -> Dict[str, Any]:
     return out
 
 
-def gguf_config(meta: Dict[str, Any], has_output: bool, name: str) -> Config:
+def rope_factors(config: Config) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` tensor for a config's rope scaling: the divisor of each pair's
+    frequency, theta_i = base^(-2i/d) / factor_i (how GGUF files of Llama 3.1 on carry "llama3")."""
+    pos = torch.zeros(1)
+    return rope_frequencies(pos, replace(config, rope_scaling=None)) / rope_frequencies(pos, config)
+
+
+def scaling_from_factors(factors: torch.Tensor, config: Config) -> dict:
+    """The "llama3" scaling that gives `factors` (a rope_freqs tensor), which is all GGUF keeps of it.
+    The largest factor is the scaling factor f; between, 1 / factor = (1 - s) / f + s with
+    s = (L0 / wavelength - low) / (high - low), linear in the frequency: two such factors fix it (low
+    taken as 1; any low with the same line gives the same model). With fewer, Meta's constants (low 1,
+    high 4, L0 8192, those of every published Llama 3.x) must reproduce the factors."""
+    factors = factors.float()
+    f = float(factors.max())
+    candidates = [llama3_scaling(f)]
+    between = (factors > 1 + 1e-6) & (factors < f * (1 - 1e-6))
+    if int(between.sum()) >= 2:
+        periods = rope_frequencies(torch.zeros(1), replace(config, rope_scaling=None))[between] / (2 * math.pi)
+        s = (1 / factors[between] - 1 / f) / (1 - 1 / f)
+        slope, offset = torch.linalg.lstsq(torch.stack((periods, -torch.ones_like(periods)), 1).double(),
+                                           s.double()[:, None]).solution.flatten().tolist()
+        nice = lambda x: float(f"{x:.6g}")
+        candidates.append({**llama3_scaling(f), "high_freq_factor": nice(1 + 1 / offset),
+                           "original_max_position_embeddings": nice(slope / offset)})
+    for scaling in candidates:
+        if torch.allclose(rope_factors(replace(config, rope_scaling=scaling)), factors, rtol=1e-4):
+            return scaling
+    raise UserError("GGUF rope_freqs tensor does not follow Llama 3's rope scaling (frequencies kept, divided by "
+                    "a factor, or blended between): not supported")
+
+
+def gguf_scaling(g) -> Optional[dict]:
+    """Config.rope_scaling from the llama.rope.scaling.* keys (llama.cpp writes linear and yarn)."""
+    kind = g("rope.scaling.type", "none")
+    if kind in ("none", None):
+        return None
+    if kind != "linear":
+        raise UserError(f"GGUF rope scaling {kind!r} is not supported (linear is, and Llama 3's rope_freqs)")
+    return {"type": "linear", "factor": float(g("rope.scaling.factor", 1.0))}
+
+
+def gguf_config(meta: Dict[str, Any], has_output: bool, name: str, rope_freqs: Optional[torch.Tensor] = None) -> Config:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UserError(f"GGUF architecture {arch!r} is not supported, only 'llama'")
     g = lambda k, default=None: meta.get(f"llama.{k}", default)
-    if g("rope.scaling.type", "none") not in ("none", None):
-        raise UserError(f"GGUF rope scaling {g('rope.scaling.type')!r} is not supported")
     required = ("block_count", "embedding_length", "attention.head_count")
     missing = [f"llama.{k}" for k in required if not isinstance(g(k), int) or g(k) < 1]
     if missing:
         raise UserError(f"GGUF metadata lacks {', '.join(missing)}: incomplete or not a LLaMA model")
     n_embd, n_head = g("embedding_length"), g("attention.head_count")
-    if g("rope.dimension_count", n_embd // n_head) != n_embd // n_head:
+    head_size = g("attention.key_length")  # present where heads are not n_embd / n_head wide
+    if g("attention.value_length", head_size) != head_size:
+        raise UserError("GGUF with keys and values of different widths is not supported")
+    head_size = head_size or (n_embd // n_head if n_embd % n_head == 0 else None)
+    if g("rope.dimension_count", head_size) != head_size:
         raise UserError("GGUF with partial rotary embeddings is not supported")
     eps = float(f"{g('attention.layer_norm_rms_epsilon', 1e-5):.6g}")  # stored as float32: 1e-5 -> 9.99e-6
     tokens = meta.get("tokenizer.ggml.tokens") or []
     try:
-        return Config(
+        config = Config(
             name=name, block_size=g("context_length", 2048), vocab_size=g("vocab_size") or len(tokens),
-            n_layer=g("block_count"), n_head=n_head, n_embd=n_embd,
+            n_layer=g("block_count"), n_head=n_head, n_embd=n_embd, head_size=head_size,
             n_query_groups=g("attention.head_count_kv") or n_head, intermediate_size=g("feed_forward_length"),
-            rope_base=float(g("rope.freq_base", 10000.0)), norm_eps=eps, tie_embeddings=not has_output,
+            rope_base=float(g("rope.freq_base", 10000.0)), rope_scaling=gguf_scaling(g),
+            norm_eps=eps, tie_embeddings=not has_output,
         )
     except ValueError as e:  # Config's own consistency checks (heads dividing the width, ...)
         raise UserError(f"GGUF metadata: {e}")
+    if rope_freqs is not None:
+        if config.rope_scaling is not None:
+            raise UserError("GGUF has both rope_freqs and llama.rope.scaling.type: not supported")
+        config.rope_scaling = scaling_from_factors(rope_freqs, config)
+    return config
 
 
 def dequantize(tensor) -> torch.Tensor:
@@ -219,7 +273,8 @@ def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[s
     reader = read_gguf(gguf_path)
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
-    config = gguf_config(meta, GGUF_NAMES["lm_head"] in tensors, Path(output_dir).name)
+    rope_freqs = dequantize(tensors[ROPE_FREQS]) if ROPE_FREQS in tensors else None
+    config = gguf_config(meta, GGUF_NAMES["lm_head"] in tensors, Path(output_dir).name, rope_freqs)
 
     floated = set()
 
@@ -271,6 +326,11 @@ def write_gguf_tokenizer(meta: Dict[str, Any], out_dir: Path) -> None:
     if meta.get("tokenizer.chat_template"):
         cfg["chat_template"] = meta["tokenizer.chat_template"]
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    # generation stops at the end of text and, where the file names them, of a turn or a message
+    stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    stops = [i for i in dict.fromkeys(stops) if i is not None]
+    if stops:
+        (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}, indent=2))
 
 
 def _bpe_pre_tokenizer(pre: str):
@@ -280,10 +340,7 @@ def _bpe_pre_tokenizer(pre: str):
     if pre in ("smollm", "starcoder", "refact"):
         return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
     if pre in ("llama-bpe", "llama3"):
-        # Llama 3's split regex: contractions, letters, 1-3 digit groups, punctuation, spaces
-        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-        return pt.Sequence([pt.Split(Regex(pattern), behavior="isolated"),
+        return pt.Sequence([pt.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre not in (None, "default", "gpt-2", "gpt2"):
         print(f"warning: GGUF pre-tokenizer {pre!r} is not known; using GPT-2's", file=sys.stderr)
@@ -294,7 +351,9 @@ def _write_bpe_tokenizer(meta, tokens, types, out_dir: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    # llama.cpp's Llama 3 vocabulary (as tiktoken): a piece that is a token is that token, whatever the merges
+    llama3 = meta.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3")
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=llama3))
     tok.pre_tokenizer = _bpe_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
     # control tokens (type 3) and user-defined ones (type 4) are matched whole, before BPE

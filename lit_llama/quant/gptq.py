@@ -411,7 +411,7 @@ def calibration_inputs(model: nn.Module, windows: torch.Tensor, device: torch.de
     hidden states of a plain forward pass (tested)."""
     c = model.config
     inputs = [model.transformer.wte.weight[w].to(device, dtype)[None] for w in windows]
-    rope = rope_cos_sin(torch.arange(windows.size(1), device=device), c.head_size, c.rope_base, dtype)
+    rope = rope_cos_sin(torch.arange(windows.size(1), device=device), c, dtype)
     return inputs, rope
 
 
