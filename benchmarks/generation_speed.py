@@ -378,6 +378,15 @@ class LlamaCppRunner:
         self.lc.llama_model_free(self.model)
 
 
+def lit_runner(spec: dict, system: str, device: torch.device, compile: bool) -> LitRunner:
+    """The LitRunner of a lit_llama* system: int8 / int4 quantized while loading, bf16, or a GGUF kept."""
+    kind = system[len("lit_llama"):].replace("_compile", "").strip("_")
+    if kind.startswith("gguf_"):  # the GGUF file's integers, as they are
+        spec = {**spec, "checkpoint": spec["exports"][f"kept_{kind[len('gguf_'):]}"]}
+    return LitRunner(spec, device, compile=compile, quantize=kind if kind in ("int8", "int4") else None,
+                     precision="bf16-true" if kind == "bf16" else "32-true")
+
+
 def run_system(spec: dict) -> dict:
     """Warm-up + `repeats` timed runs of one (system, batch size) in this process."""
     torch.set_num_threads(spec["threads"])
@@ -386,12 +395,7 @@ def run_system(spec: dict) -> dict:
     t_load = time.perf_counter()
     weights = None
     if system.startswith("lit_llama"):
-        kind = system[len("lit_llama"):].replace("_compile", "").strip("_")
-        if kind.startswith("gguf_"):  # the GGUF file's integers, as they are
-            spec = {**spec, "checkpoint": spec["exports"][f"kept_{kind[len('gguf_'):]}"]}
-        runner = LitRunner(spec, device, compile=system.endswith("compile"),
-                           quantize=kind if kind in ("int8", "int4") else None,
-                           precision="bf16-true" if kind == "bf16" else "32-true")
+        runner = lit_runner(spec, system, device, compile=system.endswith("compile"))
         vocab = runner.model.config.vocab_size
         weights = weights_bytes(runner.model)
     elif system.startswith("transformers"):
@@ -450,13 +454,14 @@ def bytes_per_token(model_name: str, dtype: torch.dtype, position: float) -> flo
 # ---------------------------------------------------------------- profile
 
 
-def profile(spec: dict, steps: int = 1, compile: bool = False) -> None:
-    """torch.profiler tables of `steps` lit_llama decode step(s) at position prompt_tokens + new_tokens/2."""
+def profile(spec: dict, system: str, steps: int = 1, compile: bool = False) -> None:
+    """torch.profiler tables of `steps` decode step(s) of a lit_llama* system at position
+    prompt_tokens + new_tokens/2."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    runner = LitRunner(spec, device, compile=compile)
+    runner = lit_runner(spec, system, device, compile=compile)
     model, step = runner.model, runner.step
     P, N = spec["prompt_tokens"], spec["new_tokens"]
     prompt = prompts(1, P, model.config.vocab_size, spec["model"]).to(device)
@@ -480,7 +485,7 @@ def profile(spec: dict, steps: int = 1, compile: bool = False) -> None:
             sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     kv = model.transformer.h[0].attn.kv_cache.k.size(2)
-    print(f"lit_llama decode step ({'compiled' if compile else 'eager'}), {spec['model']}, {spec['threads']} threads, "
+    print(f"{system} decode step ({'compiled' if compile else 'eager'}), {spec['model']}, {spec['threads']} threads, "
           f"position {pos}, KV cache {kv}: {wall * 1e3:.2f} ms/step without the profiler, {steps} step(s) profiled")
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
     print("by input shape:")
@@ -599,7 +604,8 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
             lit_llama_gguf_q4_0, lit_llama_gguf_q4_1 (and _compile): those three files converted with
             --keep_quantized.
         model: `embedded` (the default on CPU) or `random:<config name>` (default on cuda: random:7B).
-        profile: print a torch.profiler table of lit_llama decode step(s) instead of benchmarking.
+        profile: print a torch.profiler table of decode step(s) of the first lit_llama system of --systems
+            instead of benchmarking.
         profile_steps: decode steps inside the profile.
         profile_compile: profile the compiled decode step instead of the eager one.
         write_docs: write the table into docs/benchmarks.md (default: yes for a full default run).
@@ -628,7 +634,8 @@ def main(device: str = "cpu", threads: Optional[int] = None, prompt_tokens: int 
         except UserError as e:
             sys.exit(f"error: {e}")
     if profile:
-        globals()["profile"](spec, profile_steps, profile_compile)
+        lit = [s for s in systems if s.startswith("lit_llama")] or ["lit_llama"]
+        globals()["profile"](spec, lit[0], profile_steps, profile_compile)
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}

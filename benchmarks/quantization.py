@@ -14,6 +14,7 @@ it into docs/benchmarks.md under "Quantization".
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR, weight_files
+from lit_llama.io.default_model import fetch_gguf
 from lit_llama.quant.gptq import default_calibration_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,7 @@ DEFAULT = "GPTQ 4-bit g128 (the default: act-order, 6-bit down projections and h
 RTN = "RTN 4-bit g128, 6-bit down projections and head"
 WEIGHT_INT8, WEIGHT_INT4 = "weight-only int8 (per row, int8 head)", "weight-only int4 g32 (int8 head)"
 FLOAT_HEAD = ["--head_bits", "null"]
+GGUF_KEPT, KEEP = "GGUF Q4_1 kept quantized (the embedded file as shipped)", "keep"
 ROWS = [
     ("fp32", None, None),
     ("llm.int8", None, "llm.int8"),
@@ -48,6 +51,8 @@ ROWS = [
     (WEIGHT_INT8, None, "int8"),
     (WEIGHT_INT4, None, "int4"),
     ("weight-only int4 g64 (int8 head)", None, "int4-g64"),
+    # the embedded GGUF converted with --keep_quantized: the fp32 row is the same file dequantized
+    (GGUF_KEPT, KEEP, None),
 ]
 
 
@@ -132,7 +137,7 @@ def targets(rows: list, fp16_total: int) -> list:
     inc = gptq["ppl"] / fp32["ppl"] - 1
     size = gptq["size"] / fp16_total
     held, held_rtn = gptq["held_out_ppl"] / fp32["held_out_ppl"] - 1, rtn["held_out_ppl"] / fp32["held_out_ppl"] - 1
-    return [f"GPTQ 4-bit g128 (default settings: 6-bit down projections and head) perplexity {inc:+.1%} vs fp32 (target within 10%: {ok(inc <= 0.10)}); "
+    lines = [f"GPTQ 4-bit g128 (default settings: 6-bit down projections and head) perplexity {inc:+.1%} vs fp32 (target within 10%: {ok(inc <= 0.10)}); "
             f"RTN at the same bits and groups {rtn['ppl'] / fp32['ppl'] - 1:+.1%} (GPTQ better: {ok(gptq['ppl'] < rtn['ppl'])})",
             f"on the held-out text: GPTQ {held:+.1%} (target within 10%: {ok(held <= 0.10)}), RTN {held_rtn:+.1%} "
             f"(target GPTQ at most half of RTN's increase: {ok(held <= 0.5 * held_rtn)})",
@@ -141,6 +146,11 @@ def targets(rows: list, fp16_total: int) -> list:
             f"{label}: perplexity {by[label]['ppl'] / fp32['ppl'] - 1:+.2%} vs fp32 (target within {bound:.0%}: "
             f"{ok(by[label]['ppl'] / fp32['ppl'] - 1 <= bound)})"
             for label, bound in ((WEIGHT_INT8, 0.01), (WEIGHT_INT4, 0.10)) if label in by]
+    if GGUF_KEPT in by:
+        d = by[GGUF_KEPT]["ppl"] / fp32["ppl"] - 1
+        lines.append(f"{GGUF_KEPT}: perplexity {d:+.3%} vs its dequantized checkpoint (the fp32 row; target equal "
+                     f"within float rounding, 0.01%: {ok(abs(d) <= 1e-4)})")
+    return lines
 
 
 def seven_b_ratio(bits: int, head_bits: Optional[int] = None, groupsize: int = 128,
@@ -213,9 +223,14 @@ def main(checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, out_dir: Path = Path("ou
             checkpoint = out_dir / re.sub(r"\W+", "-", label.lower())
             if not (reuse and checkpoint.is_dir()):
                 t0 = time.perf_counter()
-                run(["quantize/gptq.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", checkpoint, *qargs,
-                     "--groupsize", 128, "--text_file", calib, "--nsamples", nsamples, "--seqlen", calib_seqlen],
-                    out_dir / f"quantize-{i}.log")
+                if qargs == KEEP:
+                    shutil.rmtree(checkpoint, ignore_errors=True)
+                    run(["scripts/convert_gguf_checkpoint.py", "--gguf_path", fetch_gguf(), "--output_dir", checkpoint,
+                         "--keep_quantized", "true"], out_dir / f"quantize-{i}.log")
+                else:
+                    run(["quantize/gptq.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", checkpoint, *qargs,
+                         "--groupsize", 128, "--text_file", calib, "--nsamples", nsamples, "--seqlen", calib_seqlen],
+                        out_dir / f"quantize-{i}.log")
                 row["quantize_s"] = time.perf_counter() - t0
             sizes = tensor_bytes(checkpoint)
             row["size"] = sum(sizes.values())

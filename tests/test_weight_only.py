@@ -96,7 +96,7 @@ def test_compiled_layers_equal_eager(bits, cpu_kind):
                                        atol=1e-3 if cpu_kind else 1e-5)
 
 
-def test_quantize_model_replaces_every_linear_and_the_tied_head():
+def test_quantize_model_replaces_every_linear_and_the_tied_head(cpu_kind):
     torch.manual_seed(0)
     model = LLaMA(Config(block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=64, n_query_groups=2,
                          intermediate_size=128, tie_embeddings=True)).eval()
@@ -107,7 +107,11 @@ def test_quantize_model_replaces_every_linear_and_the_tied_head():
     quantize_weight_only(model, "int4")
     kinds = {type(m) for b in model.transformer.h for m in b.modules() if isinstance(m, torch.nn.Linear)}
     assert kinds == {Int4Linear}
-    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
+    # the head: the int8 codes, as such or (on the int4 kernel) as two 4-bit halves with a second copy to look up
+    head = model.lm_head
+    assert isinstance(head, Int4Linear if cpu_kind else Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
+    assert (model.transformer.wte.head[0] is head) != cpu_kind and (not cpu_kind or head.split)
+    torch.testing.assert_close(head.weight.float(), int8_reference(wte), **BF16_TOL)
     torch.testing.assert_close(model.transformer.wte(idx).float(), int8_reference(wte)[idx], **BF16_TOL)
     with torch.no_grad():
         got = model(idx)
@@ -144,12 +148,13 @@ def float_perplexity(default_checkpoint, eval_tokens):
 @pytest.mark.parametrize("mode, bound", [("int8", 0.01), ("int4", 0.10)])
 def test_embedded_model_perplexity_stays_within_bounds(mode, bound, default_checkpoint, eval_tokens, float_perplexity):
     """The issue's quality goals on the real model: int8 within 1% of float32, int4 (groups of 32)
-    within 10%; and the weights held are about a quarter (int8) or less of float32's."""
+    within 10%; and the weights held are about a quarter (int8) or less of float32's (int4: 18% of
+    it, 24% where the int4 kernel runs the tied head and a second copy of its codes is looked up)."""
     ppl32, bytes32 = float_perplexity
     fabric, model, _ = load_for_inference(default_checkpoint, "32-true", quantize=mode)
     ppl = perplexity(model, eval_tokens, 512, fabric.device)
     assert math.isfinite(ppl) and abs(ppl / ppl32 - 1) < bound, (mode, ppl, ppl32)
-    assert weights_bytes(model) < (0.3 if mode == "int8" else 0.2) * bytes32, (weights_bytes(model), bytes32)
+    assert weights_bytes(model) < (0.3 if mode == "int8" else 0.25) * bytes32, (weights_bytes(model), bytes32)
 
 
 def test_lora_on_int8_base(tmp_path, default_checkpoint):
