@@ -329,8 +329,9 @@ def write_gguf_tokenizer(meta: Dict[str, Any], out_dir: Path) -> None:
     # generation stops at the end of text and, where the file names them, of a turn or a message
     stops = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     stops = [i for i in dict.fromkeys(stops) if i is not None]
-    if stops:
-        (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}, indent=2))
+    if stops:  # one id as a number, several as a list, as transformers writes them
+        gen = {"eos_token_id": stops if len(stops) > 1 else stops[0]}
+        (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
 def _bpe_pre_tokenizer(pre: str):
