@@ -34,11 +34,11 @@ setup(
     extras_require={
         # openai: the official client against serve.py; fschat: FastChat's conversation templates, the
         # reference for the built-in chat templates; websocket-client: drives headless Chromium (test_web.py)
-        # scipy: the chi-square test of speculative sampling; triton: its interpreter checks the GPTQ kernel on CPU. The llama.cpp peer (llama-cpp-python)
+        # tiktoken: the reference for Llama 3's tokenizer (test_llama3.py); scipy: the chi-square test of speculative sampling; triton: its interpreter checks the GPTQ kernel on CPU. The llama.cpp peer (llama-cpp-python)
         # is not listed: PyPI has only its source, whose native build crashes on AMX CPUs;
         # scripts/install_llama_cpp.sh (run by `make install`) builds one that runs on every CPU
         "test": ["pytest", "pytest-rerunfailures", "transformers>=4.45", "accelerate", "peft", "openai>=1.0", "fschat==0.2.36",
-                 "websocket-client", "scipy", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+                 "websocket-client", "tiktoken", "scipy", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # evaluate/harness.py (EleutherAI's lm-eval) and the standard perplexity sets of evaluate/*.py
         "eval": ["lm_eval>=0.4", "datasets"],
         # benchmarks/serve_load.py runs llama-cpp-python's server (llama_cpp.server) beside serve.py: its extras
