@@ -38,7 +38,7 @@ test: $(VENV)/.installed-test
 FAST_TESTS := tests/test_model_hf.py tests/test_checkpoint.py tests/test_convert_meta.py tests/test_generation.py \
 	tests/test_lora.py tests/test_adapter.py tests/test_prompts.py tests/test_convert_gguf.py tests/test_engine.py \
 	tests/test_chat_data.py tests/test_quantization.py tests/test_layout.py tests/test_weight_only.py \
-	tests/test_gguf_kept.py tests/test_ggml.py tests/test_llama3.py
+	tests/test_gguf_kept.py tests/test_ggml.py tests/test_llama3.py tests/test_bias.py
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(FAST_TESTS) -q -x
 

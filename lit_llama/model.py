@@ -2,7 +2,8 @@
 
 Pre-norm decoder (RMSNorm), rotary position embeddings, SwiGLU MLP, grouped-query attention
 through ``scaled_dot_product_attention`` (Flash kernels where the device has them), optional tied
-embeddings and a preallocated KV cache for generation. Names follow nanoGPT / the LLaMA paper.
+embeddings and linear biases, and a preallocated KV cache for generation. Names follow nanoGPT /
+the LLaMA paper.
 """
 
 import math
@@ -34,6 +35,8 @@ class Config:
     rope_scaling: Optional[dict] = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    attention_bias: bool = False  # biases on q, k, v and the output projection (HF's attention_bias)
+    mlp_bias: bool = False  # biases on the MLP's three matrices (HF's mlp_bias)
 
     def __post_init__(self):
         if self.padded_vocab_size is None:
@@ -224,9 +227,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         hs = config.head_size
-        # one fused matmul for queries, keys and values: rows are [q (n_head) | k (groups) | v (groups)]
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * hs, bias=False)
-        self.c_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        # one fused matmul for queries, keys and values: rows (and biases) are [q (n_head) | k (groups) | v (groups)]
+        qkv = (config.n_head + 2 * config.n_query_groups) * hs
+        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.attention_bias)
+        self.c_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=config.attention_bias)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
@@ -258,9 +262,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Config):
         super().__init__()
-        self.c_fc1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.c_fc2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.c_fc1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.c_fc2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.silu(self.c_fc1(x)) * self.c_fc2(x))
@@ -306,6 +310,8 @@ class LLaMA(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, last: bool = False) -> torch.Tensor:
         """Logits for token ids `idx` (B, T). With `input_pos` (T,), the positions of `idx`, the KV

@@ -262,7 +262,7 @@ def test_hf_config_roundtrip_keeps_rope_scaling(tmp_path):
     ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096},
      "sliding-window attention"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM (model_type 'qwen2') is not supported"),
-    ({"attention_bias": True}, "linear biases"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
 ])
 def test_unsupported_configs_are_one_clear_error(tmp_path, change, message):
     from lit_llama.utils import UserError

@@ -21,6 +21,9 @@ from lit_llama.templates import check_template_name, save_template_name
 from lit_llama.utils import UserError, atomic_dir
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "ffn_norm")
+# the roles with a bias where the config has them (transformers' attention_bias and mlp_bias); a
+# bias is named as its weight is, with `.bias` for `.weight` (HF, GGUF)
+ATTN_BIAS, MLP_BIAS = ("q", "k", "v", "o"), ("gate", "up", "down")
 
 HF_NAMES = {
     "wte": "model.embed_tokens.weight", "ln_f": "model.norm.weight", "lm_head": "lm_head.weight",
@@ -62,13 +65,21 @@ def stack_rows(parts: List[Weight]) -> Weight:
 
 
 def interleaved_to_halves(w: Weight, n_heads: int) -> Weight:
-    """Reorder q/k rows from Meta's rotary layout (adjacent pairs rotate together) to ours (the
-    two halves of each head rotate together), the same permutation Hugging Face's converter does."""
+    """Reorder q/k rows (of a weight, or the entries of a bias) from Meta's rotary layout (adjacent
+    pairs rotate together) to ours (the two halves of each head rotate together), the same
+    permutation Hugging Face's converter does."""
     if isinstance(w, QuantizedRows):
         return w.map_rows(lambda t: interleaved_to_halves(t, n_heads))
-    out_features, in_features = w.shape
-    hd = out_features // n_heads
-    return w.view(n_heads, hd // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def bias_roles(config: Config) -> Tuple[str, ...]:
+    return (ATTN_BIAS if config.attention_bias else ()) + (MLP_BIAS if config.mlp_bias else ())
+
+
+def bias_name(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight") + ".bias"
 
 
 def source_shapes(config: Config) -> Dict[str, Tuple[int, ...]]:
@@ -101,16 +112,24 @@ def pad_vocab(w: Weight, config: Config) -> Weight:
 def lit_tensors(config: Config, get: Callable[[str], Weight], names: Dict[str, str],
                 interleaved_rope: bool, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, Weight]]:
     """Yield (name, tensor) of our state dict from a source's `get(name)`, one tensor at a time;
-    a weight `get` gives as QuantizedRows comes out as QuantizedRows."""
+    a weight `get` gives as QuantizedRows comes out as QuantizedRows. Biases (where the config has
+    them) are float; a bias `get` gives as None is zero (GGUF's are optional one by one)."""
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     cast_float = lambda t: t if isinstance(t, QuantizedRows) else cast(t)
     shapes = source_shapes(config)
     yield "transformer.wte.weight", cast_float(pad_vocab(get(names["wte"]), config))
     for i in range(config.n_layer):
         w = {r: check_shape(names[r].format(i=i), get(names[r].format(i=i)), shapes[r]) for r in ROLES}
-        if interleaved_rope:
-            w["q"] = interleaved_to_halves(w["q"], config.n_head)
-            w["k"] = interleaved_to_halves(w["k"], config.n_query_groups)
+        b = {}
+        for r in bias_roles(config):
+            name = bias_name(names[r].format(i=i))
+            t = get(name)
+            b[r] = check_shape(name, torch.zeros(shapes[r][0]) if t is None else t, shapes[r][:1])
+        if interleaved_rope:  # the rotary permutation reorders the bias entries as the weight's rows
+            for r, heads in (("q", config.n_head), ("k", config.n_query_groups)):
+                w[r] = interleaved_to_halves(w[r], heads)
+                if r in b:
+                    b[r] = interleaved_to_halves(b[r], heads)
         p = f"transformer.h.{i}."
         yield p + "rms_1.weight", cast(w["attn_norm"])
         yield p + "attn.c_attn.weight", cast_float(stack_rows([w["q"], w["k"], w["v"]]))
@@ -119,6 +138,13 @@ def lit_tensors(config: Config, get: Callable[[str], Weight], names: Dict[str, s
         yield p + "mlp.c_fc1.weight", cast_float(w["gate"])
         yield p + "mlp.c_fc2.weight", cast_float(w["up"])
         yield p + "mlp.c_proj.weight", cast_float(w["down"])
+        if config.attention_bias:  # fused as the weights are
+            yield p + "attn.c_attn.bias", cast(torch.cat([b["q"], b["k"], b["v"]]))
+            yield p + "attn.c_proj.bias", cast(b["o"])
+        if config.mlp_bias:
+            yield p + "mlp.c_fc1.bias", cast(b["gate"])
+            yield p + "mlp.c_fc2.bias", cast(b["up"])
+            yield p + "mlp.c_proj.bias", cast(b["down"])
     yield "transformer.ln_f.weight", cast(check_shape(names["ln_f"], get(names["ln_f"]), shapes["ln_f"]))
     if not config.tie_embeddings:
         yield "lm_head.weight", cast_float(pad_vocab(get(names["lm_head"]), config))
@@ -130,7 +156,8 @@ def write_checkpoint(output_dir: Path, config: Config, tensors: Iterator[Tuple[s
     Nothing appears at `output_dir` unless every step succeeds."""
     from tqdm import tqdm
 
-    total = total or 2 + 7 * config.n_layer + (0 if config.tie_embeddings else 1)
+    biases = (2 if config.attention_bias else 0) + (3 if config.mlp_bias else 0)
+    total = total or 2 + (7 + biases) * config.n_layer + (0 if config.tie_embeddings else 1)
     kept = {}  # layer name -> how its integers are stored (the config's quantization entry)
     with atomic_dir(output_dir) as tmp:
         writer = ShardedWriter(tmp)
@@ -210,8 +237,6 @@ def hf_config(checkpoint_dir: Path, name: str = "") -> Config:
     if kind not in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")):
         raise UserError(f"{path}: {kind[1]} (model_type {kind[0]!r}) is not supported, only LlamaForCausalLM "
                         f"(LLaMA, Llama 2 and 3, Code Llama, TinyLlama, SmolLM2, ...)")
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        raise UserError(f"{path}: linear biases (attention_bias / mlp_bias) are not supported")
     if c.get("hidden_act", "silu") != "silu":
         raise UserError(f"{path}: hidden_act {c['hidden_act']!r} is not supported, only silu (SwiGLU)")
     missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
@@ -225,6 +250,7 @@ def hf_config(checkpoint_dir: Path, name: str = "") -> Config:
         n_query_groups=c.get("num_key_value_heads") or c["num_attention_heads"], head_size=c.get("head_dim"),
         intermediate_size=c["intermediate_size"], rope_base=rope_base, rope_scaling=rope_scaling,
         norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
     )
 
 

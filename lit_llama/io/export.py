@@ -6,10 +6,10 @@ first mode, safetensors by a small writer here that writes the header from the k
 data), so peak memory is about one tensor. The output appears only when complete (temporary name,
 then rename).
 
-GGUF: `llama` architecture with the llama.* metadata; q/k rows permuted back to Meta's interleaved
-rotary order; `output.weight` left out when the embeddings are tied; vocabulary padding rows dropped;
-norms F32; the tokenizer (`gpt2` BPE from `tokenizer.json`, or `llama` SentencePiece from
-`tokenizer.model`), BOS/EOS, add-BOS and the chat template in the metadata.
+GGUF: `llama` architecture with the llama.* metadata; q/k rows (and bias entries) permuted back to
+Meta's interleaved rotary order; `output.weight` left out when the embeddings are tied; vocabulary
+padding rows dropped; norms and biases F32; the tokenizer (`gpt2` BPE from `tokenizer.json`, or
+`llama` SentencePiece from `tokenizer.model`), BOS/EOS, add-BOS and the chat template in the metadata.
 
 Hugging Face: a `LlamaForCausalLM` folder (config.json, model.safetensors, or shards with an index)
 plus tokenizer files and generation_config.json, loadable by `from_pretrained`.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lit_llama.io.checkpoint import load_model
-from lit_llama.io.convert import HF_NAMES, hf_rope_keys
+from lit_llama.io.convert import HF_NAMES, bias_name, bias_roles, hf_rope_keys
 from lit_llama.io.gguf import GGUF_NAMES, ROPE_FREQS, rope_factors
 from lit_llama.io.tiktoken_file import LLAMA3_PATTERN
 from lit_llama.model import Config
@@ -41,11 +41,10 @@ HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Our (and Hugging Face's) rotate-halves q/k rows to Meta's and GGUF's adjacent pairs: the
-    inverse of `convert.interleaved_to_halves`."""
-    out_features, in_features = w.shape
-    hd = out_features // n_heads
-    return w.reshape(n_heads, 2, hd // 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+    """Our (and Hugging Face's) rotate-halves q/k rows (or bias entries) to Meta's and GGUF's
+    adjacent pairs: the inverse of `convert.interleaved_to_halves`."""
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------- the checkpoint, role by role
@@ -54,11 +53,17 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 @dataclass
 class Source:
     """One exported tensor: its role (convert.ROLES, or wte/ln_f/lm_head), layer, shape, and how
-    to get it (in our layout: q/k rotate halves, no vocabulary padding)."""
+    to get it (in our layout: q/k rotate halves, no vocabulary padding); `bias`: the role's bias."""
     role: str
     layer: Optional[int]
     shape: Tuple[int, ...]
     get: Callable[[], torch.Tensor]
+    bias: bool = False
+
+    def name(self, names: Dict[str, str]) -> str:
+        """Its name among a format's weight `names` (convert.HF_NAMES, gguf.GGUF_NAMES)."""
+        name = names[self.role].format(i=self.layer)
+        return bias_name(name) if self.bias else name
 
 
 def source_tensors(config: Config, sd: Dict[str, torch.Tensor]) -> List[Source]:
@@ -66,6 +71,10 @@ def source_tensors(config: Config, sd: Dict[str, torch.Tensor]) -> List[Source]:
     e, hs, V = config.n_embd, config.head_size, config.vocab_size
     q, kv, i_ = config.n_head * hs, config.n_query_groups * hs, config.intermediate_size
     out = [Source("wte", None, (V, e), lambda: sd["transformer.wte.weight"][:V])]
+    # each bias (where the config has them) as entries a:b of one of our layers' biases: q, k and v fused
+    bias_entries = {"q": ("attn.c_attn", 0, q), "k": ("attn.c_attn", q, q + kv),
+                    "v": ("attn.c_attn", q + kv, q + 2 * kv), "o": ("attn.c_proj", 0, e),
+                    "gate": ("mlp.c_fc1", 0, i_), "up": ("mlp.c_fc2", 0, i_), "down": ("mlp.c_proj", 0, e)}
     for i in range(config.n_layer):
         p = f"transformer.h.{i}."
         qkv = lambda p=p: sd[p + "attn.c_attn.weight"]
@@ -80,6 +89,10 @@ def source_tensors(config: Config, sd: Dict[str, torch.Tensor]) -> List[Source]:
             Source("up", i, (i_, e), lambda p=p: sd[p + "mlp.c_fc2.weight"]),
             Source("down", i, (e, i_), lambda p=p: sd[p + "mlp.c_proj.weight"]),
         ]
+        for role in bias_roles(config):
+            layer, a, b = bias_entries[role]
+            out.append(Source(role, i, (b - a,), lambda p=p, layer=layer, a=a, b=b: sd[p + layer + ".bias"][a:b],
+                              bias=True))
     out.append(Source("ln_f", None, (e,), lambda: sd["transformer.ln_f.weight"]))
     if not config.tie_embeddings:
         out.append(Source("lm_head", None, (V, e), lambda: sd["lm_head.weight"][:V]))
@@ -315,8 +328,7 @@ def export_gguf(checkpoint_dir: Path, output_path: Path, dtype: Optional[str] = 
     vocab = gguf_vocab(checkpoint_dir, tokenizer, config.vocab_size)
     plan = []
     for s in source_tensors(config, sd):
-        name = GGUF_NAMES[s.role].format(i=s.layer)
-        plan.append((name, s, gguf_tensor_type(s.shape, dtype)))
+        plan.append((s.name(GGUF_NAMES), s, gguf_tensor_type(s.shape, dtype)))
     if kind == "llama3":
         factors = rope_factors(config)
         source = Source("rope_freqs", None, tuple(factors.shape), lambda: factors)
@@ -333,7 +345,7 @@ def export_gguf(checkpoint_dir: Path, output_path: Path, dtype: Optional[str] = 
         try:
             for name, s, qt in tqdm(plan, desc="exporting", unit="tensor"):
                 t = s.get()
-                if s.role in ("q", "k"):
+                if s.role in ("q", "k"):  # weight rows and bias entries alike, as llama.cpp's converter
                     t = halves_to_interleaved(t, config.n_head if s.role == "q" else config.n_query_groups)
                 writer.write_tensor_data(_gguf_array(t, qt))
         finally:
@@ -383,8 +395,8 @@ def hf_config_dict(config: Config, dtype: torch.dtype, tokenizer) -> dict:
         "num_key_value_heads": config.n_query_groups, "head_dim": config.head_size,
         "hidden_act": "silu", "rms_norm_eps": config.norm_eps, **hf_rope_keys(config),
         "vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "initializer_range": 0.02, "use_cache": True,
+        "attention_bias": config.attention_bias, "attention_dropout": 0.0, "mlp_bias": config.mlp_bias,
+        "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
         "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
         "torch_dtype": dtype_name, "dtype": dtype_name,
     }
@@ -512,7 +524,7 @@ def export_hf(checkpoint_dir: Path, output_path: Path, dtype: Optional[str] = No
     if tdtype not in SAFETENSORS_DTYPES:
         raise UserError(f"checkpoint dtype {tdtype} cannot be exported; pass --dtype f32, f16 or bf16")
     size = torch.empty((), dtype=tdtype).element_size()
-    items = [(HF_NAMES[s.role].format(i=s.layer), s.shape, s.get) for s in source_tensors(config, sd)]
+    items = [(s.name(HF_NAMES), s.shape, s.get) for s in source_tensors(config, sd)]
     # shards of at most shard_bytes (one if the model fits), each written tensor by tensor
     shards, current, current_bytes = [], [], 0
     for item in items:

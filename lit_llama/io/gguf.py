@@ -1,9 +1,11 @@
 """Weights and tokenizer in from GGUF files (llama.cpp) of the `llama` architecture.
 
 Tensors are dequantized one at a time by the `gguf` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q5_x, the K-quants, ...) from a memory map; Q and K rows are stored in Meta's interleaved rotary
-layout and are permuted like Meta's. The tokenizer in the metadata becomes a `tokenizer.json`
-(`gpt2` BPE vocabularies) or a SentencePiece `tokenizer.model` (`llama` vocabularies).
+Q5_x, the K-quants, ...) from a memory map; Q and K rows (and their biases' entries) are stored in
+Meta's interleaved rotary layout and are permuted like Meta's. Linear biases (blk.N.attn_q.bias, ...,
+ffn_down.bias) are optional one by one, as llama.cpp loads them. The tokenizer in the metadata
+becomes a `tokenizer.json` (`gpt2` BPE vocabularies) or a SentencePiece `tokenizer.model` (`llama`
+vocabularies).
 
 With `keep_quantized`, the blocks of Q4_0, Q4_1, Q4_K (4-bit codes in groups of 32), Q8_0, Q5_0,
 Q5_1, Q5_K (8-bit codes, groups of 32) and Q6_K (8-bit codes, groups of 16) are decoded into
@@ -14,16 +16,18 @@ Other types (Q2_K, Q3_K, the IQ formats) are dequantized to float, with one warn
 
 import json
 import math
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 import torch
 
 from lit_llama.io.checkpoint import QuantizedRows
-from lit_llama.io.convert import lit_tensors, parse_dtype, record_template, write_checkpoint
+from lit_llama.io.convert import (ATTN_BIAS, MLP_BIAS, bias_name, lit_tensors, parse_dtype, record_template,
+                                  write_checkpoint)
 from lit_llama.io.tiktoken_file import LLAMA3_PATTERN
 from lit_llama.model import Config, llama3_scaling, rope_frequencies
 from lit_llama.templates import check_template_name
@@ -104,7 +108,10 @@ def gguf_scaling(g) -> Optional[dict]:
     return {"type": "linear", "factor": float(g("rope.scaling.factor", 1.0))}
 
 
-def gguf_config(meta: Dict[str, Any], has_output: bool, name: str, rope_freqs: Optional[torch.Tensor] = None) -> Config:
+def gguf_config(meta: Dict[str, Any], has_output: bool, name: str, rope_freqs: Optional[torch.Tensor] = None,
+                tensor_names: Iterable[str] = ()) -> Config:
+    """The Config of a file's metadata; `tensor_names` say whether it has attention or MLP biases
+    (llama.cpp loads each of blk.N.attn_q.bias, ... ffn_down.bias where present)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UserError(f"GGUF architecture {arch!r} is not supported, only 'llama'")
@@ -128,7 +135,8 @@ def gguf_config(meta: Dict[str, Any], has_output: bool, name: str, rope_freqs: O
             n_layer=g("block_count"), n_head=n_head, n_embd=n_embd, head_size=head_size,
             n_query_groups=g("attention.head_count_kv") or n_head, intermediate_size=g("feed_forward_length"),
             rope_base=float(g("rope.freq_base", 10000.0)), rope_scaling=gguf_scaling(g),
-            norm_eps=eps, tie_embeddings=not has_output,
+            norm_eps=eps, tie_embeddings=not has_output, attention_bias=has_bias(tensor_names, ATTN_BIAS),
+            mlp_bias=has_bias(tensor_names, MLP_BIAS),
         )
     except ValueError as e:  # Config's own consistency checks (heads dividing the width, ...)
         raise UserError(f"GGUF metadata: {e}")
@@ -137,6 +145,11 @@ def gguf_config(meta: Dict[str, Any], has_output: bool, name: str, rope_freqs: O
             raise UserError("GGUF has both rope_freqs and llama.rope.scaling.type: not supported")
         config.rope_scaling = scaling_from_factors(rope_freqs, config)
     return config
+
+
+def has_bias(tensor_names: Iterable[str], roles) -> bool:
+    biases = {bias_name(GGUF_NAMES[r]) for r in roles}
+    return any(re.sub(r"^blk\.\d+\.", "blk.{i}.", n) in biases for n in tensor_names)
 
 
 def dequantize(tensor) -> torch.Tensor:
@@ -274,11 +287,13 @@ def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[s
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = dequantize(tensors[ROPE_FREQS]) if ROPE_FREQS in tensors else None
-    config = gguf_config(meta, GGUF_NAMES["lm_head"] in tensors, Path(output_dir).name, rope_freqs)
+    config = gguf_config(meta, GGUF_NAMES["lm_head"] in tensors, Path(output_dir).name, rope_freqs, tensors)
 
     floated = set()
 
     def get(name):
+        if name not in tensors and name.endswith(".bias"):
+            return None  # llama.cpp's biases are optional one by one: an absent one is zero
         if name not in tensors:
             raise UserError(f"{gguf_path} has no tensor {name!r}: incomplete or not a LLaMA model")
         t = tensors[name]

@@ -369,12 +369,13 @@ def quantize_block(block: nn.Module, inputs: Optional[List[torch.Tensor]], rope,
 def block_state(block: nn.Module, quantized: Dict[str, QuantizedWeight], store_dtype: torch.dtype
                 ) -> Dict[str, torch.Tensor]:
     """The block's entries of the packed state dict: each quantized layer's packed buffers, and the
-    other parameters (the norms) in `store_dtype`."""
+    other parameters (the norms, the layers' biases) in `store_dtype`."""
     state = {}
     for name, qw in quantized.items():
         state.update({f"{name}.{k}": v for k, v in qw.to_layer().state_dict().items()})
     for name, p in block.named_parameters():
-        if name.rpartition(".")[0] not in quantized:
+        layer, _, kind = name.rpartition(".")
+        if layer not in quantized or kind != "weight":
             state[name] = p.detach().to("cpu", store_dtype)
     return state
 

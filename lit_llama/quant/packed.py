@@ -125,10 +125,16 @@ def _triton_matmul(x: torch.Tensor, layer: "PackedLinear") -> Optional[torch.Ten
         return None
 
 
+def add_bias(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The output of an integer layer's product plus its float bias, if it has one."""
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 class PackedLinear(nn.Linear):
-    """A bias-free linear layer with `bits`-bit integer weights q, packed along the inputs (see
-    pack_int), and per output row a float scale and an integer zero point for each group of
-    `groupsize` inputs (the last group may be shorter): w = scale * (q - zero).
+    """A linear layer with `bits`-bit integer weights q, packed along the inputs (see pack_int), and
+    per output row a float scale and an integer zero point for each group of `groupsize` inputs (the
+    last group may be shorter): w = scale * (q - zero); a float `bias`, if set, is added after the
+    product.
 
     With act-order the columns were quantized in the order `perm` and are stored in that order, so
     that groups are contiguous; the input is permuted to match.
@@ -177,7 +183,7 @@ class PackedLinear(nn.Linear):
         return unpermute_columns(self.dequantize(), self.perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
+        return add_bias(self.matmul(x), self.bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T. Without the Triton kernel, group by group from the integers: with
@@ -238,8 +244,9 @@ def replace_with_packed(model: nn.Module, bits: int, groupsize: int, act_order: 
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
                     b = layers.get(f"{path}.{name}" if path else name, bits)
-                    setattr(parent, name, PackedLinear(child.in_features, child.out_features, b, groupsize,
-                                                       act_order, device="meta").train(child.training))
+                    packed = PackedLinear(child.in_features, child.out_features, b, groupsize, act_order, device="meta")
+                    packed.bias = child.bias  # float (None: none), from the state dict as the norms are
+                    setattr(parent, name, packed.train(child.training))
     if head is not None:
         vocab, n_embd = model.transformer.wte.weight.shape
         hb, hg, ha = head["bits"], head["groupsize"], head["act_order"]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from lit_llama.io.checkpoint import (CheckpointError, QuantizedRows, check_state_dict, load_state_dict,
                                      read_quantized_rows, release_freed_heap, release_mapped_pages)
 from lit_llama.model import Config, LLaMA, linear
-from lit_llama.quant.packed import PackedLinear, pack_int, unpack_int, unpermute_columns
+from lit_llama.quant.packed import PackedLinear, add_bias, pack_int, unpack_int, unpermute_columns
 from lit_llama.utils import UserError
 
 MODES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
@@ -101,10 +101,11 @@ def check_int4_shape(in_features: int, out_features: int, groupsize: int, where:
 
 
 class Int8Linear(nn.Linear):
-    """A bias-free linear layer with int8 weights and one scale per output row, or (GGUF's blocks,
-    `groupsize`) a scale and an offset per group of inputs: w = q * scale (+ offset). It subclasses
-    nn.Linear so that code finding linear layers by type finds it, but holds no float weight:
-    `weight` dequantizes on access (for code that inspects or merges it)."""
+    """A linear layer with int8 weights and one scale per output row, or (GGUF's blocks,
+    `groupsize`) a scale and an offset per group of inputs: w = q * scale (+ offset); a `bias`, if
+    set (with_bias), is float and added after the product. It subclasses nn.Linear so that code
+    finding linear layers by type finds it, but holds no float weight: `weight` dequantizes on
+    access (for code that inspects or merges it)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, zeros: Optional[torch.Tensor] = None,
                  groupsize: Optional[int] = None):
@@ -138,7 +139,7 @@ class Int8Linear(nn.Linear):
         return g.flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
+        return add_bias(self.matmul(x), self.bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.groupsize is not None:
@@ -187,11 +188,12 @@ class Int8Embedding(nn.Module):
 
 
 class Int4Linear(nn.Linear):
-    """A bias-free linear layer with 4-bit weights, a scale and an offset per group of `groupsize`
-    inputs: w = (q - 8) * scale + z. On CPU the integers are held in the layout of torch's CPU int4
-    kernel (rows in tiles of 16, two values a byte); elsewhere as bytes of two values (low nibble
-    first) that the forward pass dequantizes. With `split`, the layer is an 8-bit one held as two
-    4-bit halves side by side (from_int8_codes): the kernel multiplies the input twice over."""
+    """A linear layer with 4-bit weights, a scale and an offset per group of `groupsize` inputs:
+    w = (q - 8) * scale + z, and a float `bias` added after the product if set (with_bias). On CPU
+    the integers are held in the layout of torch's CPU int4 kernel (rows in tiles of 16, two values
+    a byte); elsewhere as bytes of two values (low nibble first) that the forward pass dequantizes.
+    With `split`, the layer is an 8-bit one held as two 4-bit halves side by side (from_int8_codes):
+    the kernel multiplies the input twice over."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
                  dtype: torch.dtype, perm: Optional[torch.Tensor] = None, split: bool = False):
@@ -265,7 +267,7 @@ class Int4Linear(nn.Linear):
         return ((g - 8) * s.t()[..., None] + z.t()[..., None]).reshape(self.out_features, self.kernel_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
+        return add_bias(self.matmul(x), self.bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -282,6 +284,14 @@ class Int4Linear(nn.Linear):
     def extra_repr(self) -> str:
         kind = "int8 as two int4 halves" if self.split else "int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, groupsize={self.groupsize}"
+
+
+def with_bias(layer: nn.Linear, bias: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> nn.Linear:
+    """`layer` (integer weights) with the float `bias` of the layer it replaces, if any, frozen on its
+    integers' device, in `dtype` (default the bias's own)."""
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(layer.qweight.device, dtype or bias.dtype), requires_grad=False)
+    return layer
 
 
 # ---------------------------------------------------------------- a model
@@ -302,8 +312,6 @@ def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[t
         for path, parent in list(block.named_modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:  # exactly: quantized layers subclass it
-                    if child.bias is not None:
-                        raise UserError(f"--quantize {mode} covers bias-free layers; block {i}'s {path}.{name} has a bias")
                     where = f"transformer.h.{i}.{f'{path}.' if path else ''}{name}"
                     if bits == 4:
                         check_int4_shape(child.in_features, child.out_features, groupsize, where)
@@ -314,7 +322,7 @@ def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[t
             raise ValueError("cannot quantize weights on the meta device: load them first")
         layer = (Int8Linear.from_float(w, device, dtype) if bits == 8
                  else Int4Linear.from_float(w, groupsize, device, dtype, where))
-        setattr(parent, name, layer.train(child.training))
+        setattr(parent, name, with_bias(layer, child.bias, dtype).train(child.training))
         if release_mapped:
             release_mapped_pages(child.weight)
             release_freed_heap()
@@ -359,7 +367,7 @@ def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
         for name, child in list(parent.named_children()):
             if (type(child) is PackedLinear and child.bits in (3, 4) and child.qweight.device.type == "cpu"
                     and child.in_features % child.groupsize == 0 and child.out_features % INT4_ROWS == 0):
-                setattr(parent, name, Int4Linear.from_packed(child, dtype).train(child.training))
+                setattr(parent, name, with_bias(Int4Linear.from_packed(child, dtype), child.bias).train(child.training))
                 swapped += 1
     return swapped
 
@@ -411,7 +419,9 @@ def build_kept_model(checkpoint_dir: Path, config: Config, quantization: dict, d
                 model.lm_head = kept_layer(rows, device, dtype)
         else:
             parent, _, child = name.rpartition(".")
+            bias = model.get_submodule(name).bias  # float, on meta: assigned from the file below
             setattr(model.get_submodule(parent), child, kept_layer(rows, device, dtype))
+            model.get_submodule(name).bias = bias
         del rows
     # the integer layers' own tensors count as present: every other tensor is checked as a float model's
     state_dict.update({k: v for k, v in model.state_dict().items() if not v.is_meta})

@@ -246,10 +246,12 @@ def pretrain_precision() -> str:
 
 def init_weights(module: torch.nn.Module) -> None:
     """The model's initialisation, module by module: N(0, 0.02) for linear and embedding weights
-    (nanoGPT / LLaMA practice), ones for the RMSNorm scales."""
+    (nanoGPT / LLaMA practice), zeros for linear biases, ones for the RMSNorm scales."""
     with torch.no_grad():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             torch.nn.init.ones_(module.weight)
 
