@@ -1,7 +1,8 @@
 """How a training run is set up around `fit`, once for every kind of training: `run` (resume check,
 Fabric, launch, seeds, model, optimizer, fit, the final save on rank 0), and what instruction
-finetuning (`finetune`) and pretraining from scratch (`pretrain`) give it; the devices' side:
-FSDP sharding, activation checkpointing, launching, gathering a sharded model to save it."""
+finetuning (`finetune`) and pretraining, from scratch or continued from a checkpoint (`pretrain`),
+give it; the devices' side: FSDP sharding, activation checkpointing, launching, gathering a
+sharded model to save it."""
 
 import os
 import warnings
@@ -12,6 +13,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.plugins.precision import HalfPrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -20,7 +22,8 @@ from torch.distributed.fsdp import fully_shard
 from lit_llama.data.instruction import InstructionBatches, load_instruction_data, tokenizer_fingerprint
 from lit_llama.data.packed import LoaderBatches, PackedBatches, check_tokenizer_dir, open_dataset
 from lit_llama.infer.generation import generate
-from lit_llama.io.checkpoint import load_config, load_model, save_checkpoint, validate_checkpoint_dir
+from lit_llama.io.checkpoint import (load_config, load_model, read_checkpoint_config, save_checkpoint,
+                                     validate_checkpoint_dir)
 from lit_llama.model import LLaMA, Config, RMSNorm, configs
 from lit_llama.templates import instruction_prompt, save_template_name
 from lit_llama.tokenizer import Tokenizer
@@ -149,8 +152,15 @@ def fsdp_strategy(devices: int, activation_checkpointing: bool = False, num_node
         mesh = device_mesh["data_parallel"]
         if activation_checkpointing:
             checkpoint_blocks(model)
+        # continued pretraining (load_initial_model): a checkpoint's weights (bf16, say) train in
+        # float32, cast block by block just before sharding, so that one block at a time is ever
+        # whole in float32; every other model keeps the dtype Fabric's precision gave it
+        cast = (lambda m: m.float()) if getattr(model, "cast_to_float_when_sharded", False) else (lambda m: m)
         for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
+            fully_shard(cast(block), mesh=mesh)
+        for m in (model.transformer.wte, model.transformer.ln_f, model.lm_head):
+            if m is not None:
+                cast(m)
         fully_shard(model, mesh=mesh)
         return model
 
@@ -222,7 +232,7 @@ def finetune(*, checkpoint_dir: Path, data_dir: Path, out_dir: Path, args: Train
                resume=resume, seed=seed, trainable_only=trainable_only)
 
 
-# ---------------------------------------------------------------- pretraining from scratch
+# ---------------------------------------------------------------- pretraining, from scratch or continued
 
 
 def pretrain_config(model_name: str, vocab_size: int, block_size: Optional[int]) -> Config:
@@ -289,30 +299,83 @@ def text_sampler(model, tokenizer, device, prompt: str, max_new_tokens: int = 60
     return sample
 
 
-def pretrain(*, train_data_dir: Path, val_data_dir: Optional[Path], out_dir: Path, model_name: str,
-             tokenizer_dir: Path, args: TrainArgs, block_size: Optional[int] = None, devices: int = 1,
+def continued_config(checkpoint_dir: Path, tokenizer_dir: Optional[Path], block_size: Optional[int]) -> Config:
+    """The config of a checkpoint that pretraining continues from (its context kept, for the saved
+    checkpoints), after checking the directory, its weights' kind, its tokenizer and `block_size`."""
+    validate_checkpoint_dir(checkpoint_dir)
+    config, quantization = read_checkpoint_config(checkpoint_dir)
+    if quantization is not None:
+        raise UserError(f"--initial_checkpoint_dir {checkpoint_dir} holds quantized weights; continue pretraining "
+                        f"from a float checkpoint")
+    if tokenizer_dir is not None and tokenizer_fingerprint(tokenizer_dir) != tokenizer_fingerprint(checkpoint_dir):
+        raise UserError(f"--tokenizer_dir {tokenizer_dir} holds another tokenizer than --initial_checkpoint_dir "
+                        f"{checkpoint_dir}; leave it out: the checkpoint's own tokenizer is used")
+    if Tokenizer(checkpoint_dir).vocab_size > config.vocab_size:
+        raise UserError(f"the tokenizer of {checkpoint_dir} has more tokens than the model's {config.vocab_size} "
+                        f"embedding rows (scripts/extend_tokenizer.py grows both together)")
+    if block_size is not None and not 1 <= block_size <= config.block_size:
+        raise UserError(f"--block_size {block_size} does not fit {checkpoint_dir}, whose context is "
+                        f"{config.block_size} tokens")
+    return config
+
+
+def load_initial_model(fabric, checkpoint_dir: Path, config: Config, activation_checkpointing: bool) -> LLaMA:
+    """The checkpoint's weights (memory-mapped, copy-on-write: the file is never written), in float32
+    (Adam's small updates need it) unless the precision is a half `-true` one, which Fabric casts to;
+    sharded, the FSDP strategy casts each block just before sharding it. Nothing is drawn at random."""
+    model = load_model(checkpoint_dir, config)
+    half = isinstance(fabric._precision, HalfPrecision)  # bf16-true, 16-true: Fabric casts the model itself
+    if fabric.world_size > 1:
+        model.cast_to_float_when_sharded = not half
+        return model
+    if not half:
+        model.float()
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+    return model
+
+
+def pretrain(*, train_data_dir: Path, val_data_dir: Optional[Path], out_dir: Path, model_name: Optional[str],
+             tokenizer_dir: Optional[Path], args: TrainArgs, block_size: Optional[int] = None, devices: int = 1,
              num_nodes: int = 1, precision: Optional[str] = None, resume: bool = False, seed: int = 1337,
              activation_checkpointing: bool = False, num_workers: int = 2, keep_last: int = 2,
-             sample_prompt: Optional[str] = None) -> dict:
-    """Train a `model_name` config from scratch on packed shards: everything is checked before
-    any process starts or any file is written; then `run` with FSDP across devices and nodes, a
-    checkpoint folder that generate.py loads next to each training state, CSV and TensorBoard logs."""
+             sample_prompt: Optional[str] = None, initial_checkpoint_dir: Optional[Path] = None) -> dict:
+    """Train a `model_name` config from scratch on packed shards, or continue pretraining the model
+    of `initial_checkpoint_dir` (its config, weights and tokenizer; a new optimizer and warmup):
+    everything is checked before any process starts or any file is written; then `run` with FSDP
+    across devices and nodes, a checkpoint folder that generate.py loads next to each training
+    state, CSV and TensorBoard logs."""
     devices, num_nodes = launcher_sizes(devices, num_nodes)
-    check_tokenizer_dir(tokenizer_dir)
+    if initial_checkpoint_dir is not None:
+        if model_name is not None:
+            raise UserError("--model_name and --initial_checkpoint_dir exclude each other: the checkpoint's "
+                            "config is continued")
+        config = continued_config(initial_checkpoint_dir, tokenizer_dir, block_size)
+        tokenizer_dir = initial_checkpoint_dir
+        model_name = config.name or str(initial_checkpoint_dir)
+    else:
+        if model_name is None or tokenizer_dir is None:
+            raise UserError("pass --model_name and --tokenizer_dir (from scratch) or --initial_checkpoint_dir")
+        check_tokenizer_dir(tokenizer_dir)
+        config = pretrain_config(model_name, Tokenizer(tokenizer_dir).vocab_size, block_size)
     tokenizer = Tokenizer(tokenizer_dir)
-    config = pretrain_config(model_name, tokenizer.vocab_size, block_size)
+    seq_len = block_size or config.block_size  # the training context; a continued model keeps its own
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    train = open_dataset(train_data_dir, config.block_size, fingerprint, tokenizer_dir, seed, shuffle=True)
-    val = open_dataset(val_data_dir, config.block_size, fingerprint, tokenizer_dir, seed, shuffle=False) \
+    train = open_dataset(train_data_dir, seq_len, fingerprint, tokenizer_dir, seed, shuffle=True)
+    val = open_dataset(val_data_dir, seq_len, fingerprint, tokenizer_dir, seed, shuffle=False) \
         if val_data_dir is not None else None
     args.accumulation_steps(devices * num_nodes)
     out_dir = Path(out_dir)
     save_folder = checkpoint_folder_saver(tokenizer_dir)
+    if initial_checkpoint_dir is not None:
+        build = lambda fabric: load_initial_model(fabric, initial_checkpoint_dir, config, activation_checkpointing)
+    else:
+        build = lambda fabric: build_model(fabric, config, activation_checkpointing)
 
     def data(fabric, model) -> RunData:
         # (a sharded parameter counts its whole size)
         fabric.print(f"training {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-                     f"parameters) on {len(train) * (config.block_size + 1) / 1e6:.2f}M tokens an epoch, "
+                     f"parameters) on {len(train) * (seq_len + 1) / 1e6:.2f}M tokens an epoch, "
                      f"{fabric.world_size} process(es)")
         sample = text_sampler(model, tokenizer, fabric.device, sample_prompt) \
             if sample_prompt is not None and fabric.world_size == 1 else None
@@ -326,9 +389,9 @@ def pretrain(*, train_data_dir: Path, val_data_dir: Optional[Path], out_dir: Pat
             prune_checkpoints(out_dir, keep_last)
         fabric.barrier()
 
-    return run(out_dir=out_dir, args=args, build=lambda fabric: build_model(fabric, config, activation_checkpointing),
-               data=data, precision=precision or os.environ.get("LT_PRECISION") or pretrain_precision(),
+    return run(out_dir=out_dir, args=args, build=build, data=data, precision=precision or os.environ.get("LT_PRECISION") or pretrain_precision(),
                devices=devices, num_nodes=num_nodes, strategy=fsdp_strategy(devices, activation_checkpointing, num_nodes),
                loggers=make_loggers(out_dir), resume=resume, refuse_existing=True, seed=seed, trainable_only=False,
-               flops_per_token=flops_per_token(config, config.block_size), on_save=on_save,
-               hparams={"model": config.asdict(), "devices": devices, "nodes": num_nodes})
+               flops_per_token=flops_per_token(config, seq_len), on_save=on_save,
+               hparams={"model": config.asdict(), "devices": devices, "nodes": num_nodes, "block_size": seq_len,
+                        "initial_checkpoint_dir": str(initial_checkpoint_dir or "")})
