@@ -31,7 +31,7 @@ class Config:
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     rope_base: float = 10000.0
-    # None: plain RoPE; else {"type": "linear" | "dynamic" | "llama3", "factor": f, ...} (see rope_frequencies)
+    # None: plain RoPE; else {"type": "linear" | "dynamic" | "llama3" | "yarn", "factor": f, ...} (see rope_frequencies)
     rope_scaling: Optional[dict] = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -136,7 +136,10 @@ ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "dynamic": ("factor", "original_max_position_embeddings"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
 }
+# and those it may have (transformers' names and defaults)
+YARN_OPTIONAL_KEYS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
 def check_rope_scaling(scaling: dict) -> None:
@@ -157,6 +160,9 @@ def rope_frequencies(pos: torch.Tensor, config: Config) -> torch.Tensor:
                context, base (f L / L0 - (f - 1))^(d / (d - 2)), so the lowest frequency is slowed f-fold
       llama3   low frequencies (wavelengths past L0 / low_freq_factor) divided by the factor, high ones
                (below L0 / high_freq_factor) kept, those between blended linearly in L0 / wavelength
+      yarn     (Peng et al. 2023) pairs turning more than beta_fast (32) times in L0 kept, fewer than
+               beta_slow (1) times divided by the factor, those between blended linearly by pair index;
+               the attention is sharpened too (yarn_attention_factor)
     """
     d, base = config.head_size, config.rope_base
     scaling = config.rope_scaling or {}
@@ -174,7 +180,28 @@ def rope_frequencies(pos: torch.Tensor, config: Config) -> torch.Tensor:
         periods_in_context = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
         smooth = ((periods_in_context - low) / (high - low)).clamp(0, 1)  # 0: scaled, 1: kept
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif kind == "yarn":
+        # the pair index at which a frequency turns r times in L0 positions: d ln(L0 / 2 pi r) / (2 ln base)
+        pair = lambda r: d * math.log(scaling["original_max_position_embeddings"] / (2 * math.pi * r)) / (2 * math.log(base))
+        low, high = pair(scaling.get("beta_fast") or 32), pair(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        ramp = ((torch.arange(d // 2, device=pos.device).float() - low) / ((high - low) or 0.001)).clamp(0, 1)
+        inv_freq = ramp * inv_freq / factor + (1 - ramp) * inv_freq  # ramp 0: kept, 1: scaled
     return inv_freq
+
+
+def yarn_attention_factor(scaling: dict) -> float:
+    """YaRN's scale of cos and sin (so of the attention logits, squared): 0.1 ln(factor) + 1 (its
+    paper's sqrt(1/t)), or mscale / mscale_all_dim variants of it, unless the config gives it."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    f = scaling["factor"]
+    m = lambda mscale: 1.0 if f <= 1 else 0.1 * mscale * math.log(f) + 1.0
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return m(scaling["mscale"]) / m(scaling["mscale_all_dim"])
+    return m(1.0)
 
 
 def rope_cos_sin(pos: torch.Tensor, config: Config, dtype: torch.dtype):
@@ -184,7 +211,8 @@ def rope_cos_sin(pos: torch.Tensor, config: Config, dtype: torch.dtype):
     matmuls (one outer product; a compiled step folds the frequencies into constants)."""
     freqs = pos.float()[:, None] * rope_frequencies(pos, config)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    a = yarn_attention_factor(config.rope_scaling) if (config.rope_scaling or {}).get("type") == "yarn" else 1.0
+    return (emb.cos() * a).to(dtype), (emb.sin() * a).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

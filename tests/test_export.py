@@ -104,6 +104,9 @@ SCALED_TINY = {
         type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
         "bpe"),
     "linear-spm": ("tiny", dict(vocab_size=500, rope_scaling=dict(type="linear", factor=4.0)), "spm"),
+    # YaRN at head size 16, base 1e4, original context 32, llama.cpp's defaults (beta 32/1): one pair
+    # kept, one blended, six divided by the factor; cos and sin scaled by 0.1 ln 4 + 1
+    "yarn-spm": ("tiny", dict(vocab_size=500, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=32)), "spm"),
 }
 
 
@@ -486,15 +489,22 @@ def test_llama_cpp_runs_rope_scaled_exports(tiny, exported, case):
     torch.testing.assert_close(got, ours(torch.tensor([ids]))[0], rtol=1e-3, atol=1e-3)
 
 
-def test_dynamic_rope_scaling_is_not_exported_to_gguf(tiny, tmp_path):
+@pytest.mark.parametrize("scaling, message", [
+    ({"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64}, "no dynamic"),
+    ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "mscale": 0.7, "mscale_all_dim": 1.0},
+     "YaRN with its defaults only"),
+    ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "beta_fast": 16.0},
+     "YaRN with its defaults only"),
+])
+def test_rope_scalings_llama_cpp_lacks_are_not_exported_to_gguf(tiny, tmp_path, scaling, message):
     ckpt = tiny("linear-spm")
     config = json.loads((ckpt / "lit_config.json").read_text())
-    config["rope_scaling"] = {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64}
-    dynamic = tmp_path / "dynamic"
-    shutil.copytree(ckpt, dynamic)
-    (dynamic / "lit_config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="no dynamic"):
-        export_gguf(dynamic, tmp_path / "out.gguf", "f32")
+    config["rope_scaling"] = scaling
+    scaled = tmp_path / "scaled"
+    shutil.copytree(ckpt, scaled)
+    (scaled / "lit_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        export_gguf(scaled, tmp_path / "out.gguf", "f32")
     assert not (tmp_path / "out.gguf").exists()
 
 

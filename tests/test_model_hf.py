@@ -184,6 +184,10 @@ SCALED = {
                 "original_max_position_embeddings": 32}, 128, 32),
     "linear": ({"rope_type": "linear", "factor": 4.0}, 128, None),
     "dynamic": ({"rope_type": "dynamic", "factor": 4.0}, 32, 8),
+    # YaRN with its defaults (beta 32/1, attention factor 0.1 ln 4 + 1), and with every knob set
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128, None),
+    "yarn-mscale": ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16.0,
+                     "beta_slow": 2.0, "mscale": 0.8, "mscale_all_dim": 0.5, "truncate": False}, 256, 32),
 }
 
 
@@ -201,7 +205,7 @@ def scaled(request, tmp_path_factory):
 @torch.no_grad()
 def test_rope_scaling_matches_transformers(scaled):
     kind, hf, ours = scaled
-    assert ours.config.rope_scaling["type"] == kind
+    assert ours.config.rope_scaling["type"] == kind.split("-")[0]
     assert ours.config.head_size == hf.config.head_dim
     # dynamic stretches the context it was given (transformers' max_position_embeddings) by its factor
     assert ours.config.block_size == (128 if kind == "dynamic" else hf.config.max_position_embeddings)
@@ -257,7 +261,7 @@ def test_hf_config_roundtrip_keeps_rope_scaling(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope scaling 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}}, "rope scaling 'longrope' is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
     ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096},
      "sliding-window attention"),

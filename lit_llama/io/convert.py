@@ -16,7 +16,7 @@ from lit_llama.io.checkpoint import (KEPT_METHOD, QuantizedRows, ShardedWriter, 
                                      quantized_rows_tensors, torch_load, write_config)
 from lit_llama.io.tiktoken_file import (LLAMA3_STOP, is_tiktoken_file, llama3_special_tokens, read_tiktoken_ranks,
                                        tokenizer_json)
-from lit_llama.model import ROPE_SCALING_KEYS, Config, check_rope_scaling, llama3_scaling
+from lit_llama.model import ROPE_SCALING_KEYS, YARN_OPTIONAL_KEYS, Config, check_rope_scaling, llama3_scaling
 from lit_llama.templates import check_template_name, save_template_name
 from lit_llama.utils import UserError, atomic_dir
 
@@ -202,6 +202,12 @@ def hf_rope(c: dict, path: Path) -> Tuple[float, Optional[dict], int]:
     if kind == "default":
         return base, None, context
     ours = {"type": kind, **{k: scaling[k] for k in ROPE_SCALING_KEYS.get(kind, ()) if k in scaling}}
+    if kind == "yarn":  # as transformers 5 reads it: the original context defaults to the context, the
+        # factor to their ratio; the optional keys travel as they are
+        ours.setdefault("original_max_position_embeddings", context)
+        if scaling.get("factor") is None:
+            ours["factor"] = context / ours["original_max_position_embeddings"]
+        ours.update({k: scaling[k] for k in YARN_OPTIONAL_KEYS if scaling.get(k) is not None})
     if kind == "dynamic":  # transformers stretches from max_position_embeddings: the context grows by the factor
         ours["original_max_position_embeddings"] = context
         context = int(context * scaling.get("factor", 1))

@@ -275,9 +275,14 @@ def add_gguf_metadata(writer, config: Config, name: str, dtype: str, vocab: GGUF
     if config.head_size * config.n_head != config.n_embd:  # llama.cpp assumes n_embd / n_head otherwise
         writer.add_key_length(config.head_size)
         writer.add_value_length(config.head_size)
-    if (config.rope_scaling or {}).get("type") == "linear":  # llama3's travels as the rope_freqs tensor
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") == "linear":  # llama3's travels as the rope_freqs tensor
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif scaling.get("type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     writer.add_vocab_size(config.vocab_size)
     ft = gguf.LlamaFileType
     writer.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0}[dtype])
@@ -308,6 +313,14 @@ def add_gguf_metadata(writer, config: Config, name: str, dtype: str, vocab: GGUF
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def yarn_defaults(scaling: dict) -> bool:
+    """Whether a YaRN scaling has the settings llama.cpp applies to a LLaMA model (it reads only the
+    factor and the original context from the file; measured with llama-cpp-python 0.3.36)."""
+    return (scaling.get("beta_fast") in (None, 32) and scaling.get("beta_slow") in (None, 1)
+            and all(scaling.get(k) is None for k in ("attention_factor", "mscale", "mscale_all_dim"))
+            and scaling.get("truncate", True) is not False)
+
+
 def export_gguf(checkpoint_dir: Path, output_path: Path, dtype: Optional[str] = None) -> None:
     """Write the checkpoint as one GGUF file of `dtype` (f32, f16, bf16, q8_0; default f16 for a
     half-precision checkpoint, f32 otherwise)."""
@@ -325,6 +338,9 @@ def export_gguf(checkpoint_dir: Path, output_path: Path, dtype: Optional[str] = 
     kind = (config.rope_scaling or {}).get("type")
     if kind == "dynamic":
         raise UserError("llama.cpp has no dynamic (NTK) rope scaling: this checkpoint cannot be exported to GGUF")
+    if kind == "yarn" and not yarn_defaults(config.rope_scaling):
+        raise UserError("llama.cpp runs YaRN with its defaults only (beta_fast 32, beta_slow 1, the default "
+                        "attention factor, a truncated ramp): this checkpoint's YaRN cannot be exported to GGUF")
     vocab = gguf_vocab(checkpoint_dir, tokenizer, config.vocab_size)
     plan = []
     for s in source_tensors(config, sd):

@@ -103,9 +103,18 @@ def gguf_scaling(g) -> Optional[dict]:
     kind = g("rope.scaling.type", "none")
     if kind in ("none", None):
         return None
-    if kind != "linear":
-        raise UserError(f"GGUF rope scaling {kind!r} is not supported (linear is, and Llama 3's rope_freqs)")
-    return {"type": "linear", "factor": float(g("rope.scaling.factor", 1.0))}
+    if kind == "linear":
+        return {"type": "linear", "factor": float(g("rope.scaling.factor", 1.0))}
+    if kind == "yarn":  # llama.cpp's YaRN: transformers' with its default attention factor
+        if g("rope.scaling.attn_factor", 1.0) != 1.0 or g("rope.scaling.yarn_log_multiplier", 0.0):
+            raise UserError("GGUF YaRN with a non-default attention factor is not supported")
+        factor, original = g("rope.scaling.factor"), g("rope.scaling.original_context_length")
+        if factor is None or original is None:
+            raise UserError("GGUF YaRN scaling lacks rope.scaling.factor or rope.scaling.original_context_length")
+        if g("rope.scaling.yarn_beta_fast", 32.0) != 32.0 or g("rope.scaling.yarn_beta_slow", 1.0) != 1.0:
+            raise UserError("GGUF YaRN with beta_fast / beta_slow other than 32 / 1 is not supported")
+        return {"type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original)}
+    raise UserError(f"GGUF rope scaling {kind!r} is not supported (linear and yarn are, and Llama 3's rope_freqs)")
 
 
 def gguf_config(meta: Dict[str, Any], has_output: bool, name: str, rope_freqs: Optional[torch.Tensor] = None,
