@@ -26,10 +26,10 @@ setup(
         "tensorboard",  # pretraining's TensorBoard logs (through Fabric's logger)
         "fastapi>=0.110",  # serve.py: the OpenAI-compatible HTTP API
         "uvicorn>=0.29",
-        "ninja",  # builds the CPU decode attention kernel on first use (lit_llama/infer/decode_attention.py)
+        "ninja",  # builds the CPU decoding kernels on first use (lit_llama/cpu_kernels.py)
     ],
     # serve.py's web chat page; the CPU decode attention kernel's source, built on first use
-    package_data={"lit_llama.serve": ["static/*.html"], "lit_llama.infer": ["*.cpp"]},
+    package_data={"lit_llama.serve": ["static/*.html"], "lit_llama": ["csrc/*.cpp"]},
     # `lit-llama generate --prompt ...`: the scripts by name (lit_llama/__main__.py), as `python -m lit_llama`
     entry_points={"console_scripts": ["lit-llama = lit_llama.__main__:main"]},
     extras_require={

@@ -1,4 +1,4 @@
-"""The CPU decode attention kernel (lit_llama/infer/decode_attention.cpp) against torch's
+"""The CPU decode attention kernel (lit_llama/csrc/decode_attention.cpp) against torch's
 scaled_dot_product_attention, and its use in decoding: DecodeAttention in the decode layout, eager
 and compiled, and the compiled step's guards (a KV cache of a new size compiles again)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_llama.infer import decode_attention
+from lit_llama import cpu_kernels
 from lit_llama.infer.generation import (DecodeAttention, _decode_guards, compile_decode_step, decode_layout,
                                         decode_step, generate, prepare_cache)
 from lit_llama.model import CausalSelfAttention, Config, LLaMA
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="the kernel 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    assert decode_attention.available(), "the kernel must build where a C++ compiler is present"
+    assert cpu_kernels.available(), "the kernel must build where a C++ compiler is present"
 
 
 def reference(q, k, v, mask):

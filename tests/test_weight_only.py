@@ -14,6 +14,7 @@ from lit_llama.infer.load import load_for_inference
 from lit_llama.io.checkpoint import save_checkpoint
 from lit_llama.model import Config, LLaMA
 from lit_llama.peft.lora import LoRAConfig, add_lora, save_lora
+from lit_llama import cpu_kernels
 from lit_llama.quant import weight_only
 from lit_llama.quant.weight_only import Int4Linear, Int8Embedding, Int8Linear, quantize_weight_only
 from lit_llama.utils import UserError
@@ -33,13 +34,15 @@ def int8_reference(w):
 
 
 def int4_reference(w, groupsize):
-    """Per group of `groupsize` inputs in a row: 16 levels from its minimum to its maximum."""
+    """Per group of `groupsize` inputs in a row: 16 levels from its minimum to its maximum, the
+    minimum and the step rounded to float16 (as GGUF's Q4_1 stores them)."""
     out = torch.empty_like(w)
     for r in range(w.size(0)):
         for g0 in range(0, w.size(1), groupsize):
             g = w[r, g0:g0 + groupsize]
-            lo, step = g.min(), (g.max() - g.min()) / 15
-            out[r, g0:g0 + groupsize] = torch.round((g - lo) / step) * step + lo
+            lo = g.min().half().float()
+            step = ((g.max() - lo) / 15).half().float()
+            out[r, g0:g0 + groupsize] = torch.round((g - lo) / step).clamp(0, 15) * step + lo
     return out
 
 
@@ -68,17 +71,32 @@ def test_int8_layer_is_the_per_row_formula(cpu_kind):
     assert layer(x).dtype == torch.float32
 
 
+@pytest.fixture(params=["kernel", "no-kernel"])
+def int4_path(request, monkeypatch):
+    """The CPU int4 kernel (lit_llama/csrc/int4_matmul.cpp) and the path without it (the integers
+    dequantized for each product)."""
+    assert cpu_kernels.available(), "the kernels must build where a C++ compiler is present"
+    if request.param == "no-kernel":
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("groupsize", [32, 64, 128])
-def test_int4_layer_is_the_per_group_formula(groupsize, cpu_kind):
+def test_int4_layer_is_the_per_group_formula(groupsize, int4_path):
     w = weights(48, 256, seed=groupsize)
     layer = Int4Linear.from_float(w, groupsize)
+    assert layer.kernel == (int4_path == "kernel")
     want = int4_reference(w, groupsize)
-    tol = BF16_TOL if cpu_kind else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.weight.float(), want, **tol)
-    # 16 levels: each value lies within half a step of its group's grid
+    exact = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.float(), want, **exact)
     assert layer.qweight.numel() == w.numel() // 2
-    x = torch.randn(2, 256)
-    torch.testing.assert_close(layer(x), x @ want.t(), **tol)
+    # a few rows (decoding): the kernel, float32 throughout
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), x @ want.t(), **exact)
+    # a prompt's rows: the dequantized weight, multiplied in bfloat16 where the CPU has it natively
+    x = torch.randn(2, weight_only.KERNEL_ROWS, 256)
+    bf16 = int4_path == "kernel" and weight_only.fast_bf16_cpu()
+    torch.testing.assert_close(layer(x), x @ want.t(), **(BF16_TOL if bf16 else exact))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -96,7 +114,7 @@ def test_compiled_layers_equal_eager(bits, cpu_kind):
                                        atol=1e-3 if cpu_kind else 1e-5)
 
 
-def test_quantize_model_replaces_every_linear_and_the_tied_head(cpu_kind):
+def test_quantize_model_replaces_every_linear_and_the_tied_head(int4_path):
     torch.manual_seed(0)
     model = LLaMA(Config(block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=64, n_query_groups=2,
                          intermediate_size=128, tie_embeddings=True)).eval()
@@ -109,8 +127,9 @@ def test_quantize_model_replaces_every_linear_and_the_tied_head(cpu_kind):
     assert kinds == {Int4Linear}
     # the head: the int8 codes, as such or (on the int4 kernel) as two 4-bit halves with a second copy to look up
     head = model.lm_head
-    assert isinstance(head, Int4Linear if cpu_kind else Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
-    assert (model.transformer.wte.head[0] is head) != cpu_kind and (not cpu_kind or head.split)
+    kernel = int4_path == "kernel"
+    assert isinstance(head, Int4Linear if kernel else Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
+    assert (model.transformer.wte.head[0] is head) != kernel and (not kernel or head.split)
     torch.testing.assert_close(head.weight.float(), int8_reference(wte), **BF16_TOL)
     torch.testing.assert_close(model.transformer.wte(idx).float(), int8_reference(wte)[idx], **BF16_TOL)
     with torch.no_grad():
@@ -193,9 +212,9 @@ def test_generate_with_bad_group_size_is_one_error_line(tmp_path, default_checkp
 
 
 @pytest.mark.parametrize("bits, act_order", [(4, False), (4, True), (3, True)])
-def test_packed_gptq_layers_run_on_the_int4_kernel_with_the_same_weights(bits, act_order, cpu_kind):
-    """A PackedLinear (w = s (q - zero), GPTQ's layout) and the Int4Linear it becomes: same weights,
-    same products, act-order's column permutation included."""
+def test_packed_gptq_layers_run_on_the_int4_kernel_with_the_same_weights(bits, act_order, int4_path):
+    """A PackedLinear (w = s (q - zero), GPTQ's layout) and the Int4Linear it becomes:
+    same weights, same products, act-order's column permutation included."""
     from lit_llama.quant.packed import PackedLinear
 
     g = torch.Generator().manual_seed(bits)
@@ -208,11 +227,10 @@ def test_packed_gptq_layers_run_on_the_int4_kernel_with_the_same_weights(bits, a
     parent = torch.nn.Sequential(packed)
     assert weight_only.use_int4_kernels(parent, torch.float32) == 1
     fast = parent[0]
-    assert isinstance(fast, Int4Linear)
-    tol = BF16_TOL if cpu_kind else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast.weight.float(), packed.weight.float(), **tol)
+    assert isinstance(fast, Int4Linear) and fast.kernel == (int4_path == "kernel")
+    torch.testing.assert_close(fast.weight.float(), packed.weight.float(), rtol=1e-5, atol=1e-6)
     x = torch.randn(3, cols)
-    torch.testing.assert_close(fast(x), packed(x), **tol)
+    torch.testing.assert_close(fast(x), packed(x), rtol=1e-5, atol=1e-5)
 
 
 def test_packed_layers_the_kernel_cannot_take_stay_packed():

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 import torch
 
 from lit_llama.io.checkpoint import release_mapped_pages
-from lit_llama.infer import decode_attention
+from lit_llama import cpu_kernels
 from lit_llama.model import CausalSelfAttention, LLaMA, linear
 from lit_llama.utils import UserError
 
@@ -126,7 +126,7 @@ KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 class DecodeAttention(CausalSelfAttention):
     """CausalSelfAttention whose one-query-per-row steps (decoding) run the CPU decode kernel
-    (lit_llama/infer/decode_attention.cpp), which reads only the cache slots the mask lets through;
+    (lit_llama/csrc/decode_attention.cpp), which reads only the cache slots the mask lets through;
     prompts (several queries) keep scaled_dot_product_attention. Same parameters, same results."""
 
     def attend(self, q, k, v, mask):
@@ -146,7 +146,7 @@ def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Mo
     than row-major (and which the compiled reduction would stream 3x slower); same values and
     shapes, only the strides change, and the memory-mapped originals' pages are given back, so
     peak memory stays one model."""
-    kernel = decode_attention.available()
+    kernel = cpu_kernels.available()
     for module in model.modules():
         if kernel and type(module) is CausalSelfAttention:
             module.__class__ = DecodeAttention

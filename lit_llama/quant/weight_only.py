@@ -7,8 +7,10 @@ weight instead of 4.
          over 16 levels, in the form torch's int4 kernels take: w = (q - 8) s + z, with
          s = (max - min) / 15 and z = min + 8 s, so q = 0 is the group's minimum and q = 15 its maximum
 
-On CPU the products run in torch's own weight-only kernels, `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu`, which read the integers and scale inside the matrix product. They are
+On CPU, int4 products of a few rows (decoding) run in lit_llama/csrc/int4_matmul.cpp, which reads
+the 4-bit codes and float16 scales at close to the memory's bandwidth with float32 activations (on a
+2-core Zen 4, 1.4-1.5x torch's `_weight_int4pack_mm_for_cpu`, which takes bfloat16 activations);
+prompts multiply the weight it dequantizes. int8 products run in torch's `_weight_int8pack_mm`,
 fast with bfloat16 activations where the CPU has AVX512-BF16 or AMX (there the activations are cast
 to bfloat16 for the product and the result back; measured on a 2-core Xeon with AMX, a 4096x4096
 int8 layer: 0.57 ms, against 6.5 ms with float32 activations and 1.4 ms for the float32 layer).
@@ -31,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama import cpu_kernels
 from lit_llama.io.checkpoint import (CheckpointError, QuantizedRows, check_state_dict, load_state_dict,
                                      read_quantized_rows, release_freed_heap, release_mapped_pages)
 from lit_llama.model import Config, LLaMA, linear
@@ -40,6 +43,9 @@ from lit_llama.utils import UserError
 MODES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 INT4_GROUPS = (32, 64, 128)
 INT4_ROWS = 16  # the CPU int4 kernel packs rows in tiles of 16
+# rows of activations up to which the CPU int4 kernel multiplies them one by one; more are multiplied by
+# the dequantized weight (on a 2-core Zen 4 the kernel is faster up to 8 rows in bfloat16, 16-32 in float32)
+KERNEL_ROWS = 16
 
 
 def parse_mode(mode: str) -> Tuple[int, Optional[int]]:
@@ -79,11 +85,13 @@ def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int4(w: torch.Tensor, groupsize: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q int32 (out, in) in [0, 15], scales (out, groups), offsets z (out, groups)), float32, with
-    w ~ (q - 8) * scale + z per group of `groupsize` inputs."""
+    w ~ (q - 8) * scale + z per group of `groupsize` inputs. The scale and the group's minimum are
+    rounded to float16 first (as GGUF's Q4_1 stores them), so the CPU kernel's float16 copies of
+    them are exact."""
     rows, cols = w.shape
     g = w.float().reshape(rows, cols // groupsize, groupsize)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-8)
+    lo, hi = g.amin(-1).half().float(), g.amax(-1)
+    scales = ((hi - lo) / 15).half().float().clamp(min=2.0 ** -24)  # float16's smallest step
     q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
     return q.reshape(rows, cols), scales, lo + 8 * scales
 
@@ -189,11 +197,13 @@ class Int8Embedding(nn.Module):
 
 class Int4Linear(nn.Linear):
     """A linear layer with 4-bit weights, a scale and an offset per group of `groupsize` inputs:
-    w = (q - 8) * scale + z, and a float `bias` added after the product if set (with_bias). On CPU
-    the integers are held in the layout of torch's CPU int4 kernel (rows in tiles of 16, two values
-    a byte); elsewhere as bytes of two values (low nibble first) that the forward pass dequantizes.
-    With `split`, the layer is an 8-bit one held as two 4-bit halves side by side (from_int8_codes):
-    the kernel multiplies the input twice over."""
+    w = (q - 8) * scale + z, and a float `bias` added after the product if set (with_bias). On CPU,
+    where lit_llama/csrc/int4_matmul.cpp builds, the integers are held in its tiles of 16 rows with
+    scales and offsets (w = q s + m, m = z - 8 s; see int4_tiles) and a few rows of activations (decoding)
+    are multiplied by that kernel, more rows (a prompt) by the weight it dequantizes; elsewhere as
+    bytes of two values (low nibble first) that the forward pass dequantizes (fused into the
+    product in a compiled step). With `split`, the layer is an 8-bit one held as two 4-bit halves
+    side by side (from_int8_codes): the kernel multiplies the input twice over."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
                  dtype: torch.dtype, perm: Optional[torch.Tensor] = None, split: bool = False):
@@ -202,31 +212,28 @@ class Int4Linear(nn.Linear):
         self.split = split
         self.in_features = self.kernel_in // 2 if split else self.kernel_in
         self.groupsize = groupsize
+        self.dtype = dtype
         # GPTQ's act-order: columns stored in the order they were quantized; the input is permuted to match
         self.register_buffer("perm", None if perm is None else perm.to(device=q.device, dtype=torch.int32))
-        # torch's CPU int4 kernel is fast with bfloat16 activations only (measured on a 2-core Xeon with
-        # AMX, 1536x576 at batch 1: 0.03 ms in bfloat16, 0.7 ms in float32 against 0.04 ms for the
-        # float32 layer; 13 rows: 0.17, 11.5 and 0.13 ms): without native bfloat16 the bytes of two
-        # values are dequantized for each product instead (fused into it in a compiled step)
-        self.kernel = q.device.type == "cpu" and kernel_dtype(q.device, dtype) == torch.bfloat16
+        mins = zeros.float() - 8 * scales.float()
+        self.kernel = q.device.type == "cpu" and cpu_kernels.available()
         if self.kernel:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            codes, sm = int4_tiles(q, scales, mins)
+            self.register_buffer("qweight", codes)
+            self.register_buffer("scales_and_mins", sm)
         else:
-            packed = pack_int(q, 4)
-        self.register_buffer("qweight", packed)
-        # (groups, out, 2): scale and offset side by side, as the kernel reads them
-        sz = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()
-        self.register_buffer("scales_and_zeros", sz.to(kernel_dtype(q.device, dtype)))
+            self.register_buffer("qweight", pack_int(q, 4))
+            # (groups, out, 2): scale and offset side by side
+            self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous())
         self.register_parameter("bias", None)
 
     @classmethod
     def from_int8_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
                         dtype: torch.dtype) -> "Int4Linear":
-        """w = q * scale + zero per group, q 8-bit codes (-128..127), for torch's int4 kernel: with
+        """w = q * scale + zero per group, q 8-bit codes (-128..127), for the int4 kernel: with
         q = 16 h + l (l = q & 15 in 0..15, h = q >> 4 in -8..7), w = s l + 16 s h + z: two 4-bit
-        layers in the kernel's form (c - 8) S + Z, the low one c = l, S = s, Z = z + 8 s, the high
-        one c = h + 8, S = 16 s, Z = 0, whose inputs are the same x: one product over [x, x] sums
-        both. The offsets stay small (8 s, not 128 s), so rounding S and Z to bfloat16 costs little."""
+        layers in the form (c - 8) S + Z, the low one c = l, S = s, Z = z + 8 s, the high one
+        c = h + 8, S = 16 s, Z = 0, whose inputs are the same x: one product over [x, x] sums both."""
         q = q.to(torch.int32)
         codes = torch.cat((q & 15, (q >> 4) + 8), dim=1)
         s = torch.cat((scales, 16 * scales), dim=1)
@@ -243,19 +250,17 @@ class Int4Linear(nn.Linear):
     @classmethod
     def from_packed(cls, layer: PackedLinear, dtype: torch.dtype) -> "Int4Linear":
         """The same weights as a 3- or 4-bit GPTQ/RTN PackedLinear, w = s (q - zero) = (q - 8) s + s (8 - zero),
-        for torch's int4 kernel (codes of 3 bits are 4-bit codes below 8)."""
+        for the int4 kernel (codes of 3 bits are 4-bit codes below 8)."""
         s = layer.scales.float()
         z = s * (8 - layer.zeros.float())
         return cls(layer.ints(), s, z, layer.groupsize, dtype, layer.perm)
 
     @property
     def weight(self) -> torch.Tensor:
-        sz = self.scales_and_zeros
-        if self.kernel:  # the kernel's layout is opaque: its product with the identity is the weight
-            eye = torch.eye(self.kernel_in, dtype=sz.dtype, device=sz.device)
-            w = torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.groupsize, sz).t().contiguous()
+        if self.kernel:
+            w = torch.ops.lit_llama.int4_dequantize(self.qweight, self.scales_and_mins, self.groupsize).t().to(self.dtype)
         else:
-            w = self._dequantize(sz.dtype)
+            w = self._dequantize(self.dtype)
         if self.split:
             w = w[:, :self.in_features] + w[:, self.in_features:]
         return unpermute_columns(w, self.perm)
@@ -274,16 +279,35 @@ class Int4Linear(nn.Linear):
             x = x.index_select(-1, self.perm)
         if self.split:
             x = torch.cat((x, x), dim=-1)
-        if self.kernel:
-            sz = self.scales_and_zeros
-            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.kernel_in).to(sz.dtype), self.qweight,
-                                                 self.groupsize, sz)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self._dequantize(x.dtype))
+        if not self.kernel:
+            return F.linear(x, self._dequantize(x.dtype))
+        rows = x.reshape(-1, self.kernel_in)
+        if rows.size(0) <= KERNEL_ROWS:
+            y = torch.ops.lit_llama.int4_matmul(rows, self.qweight, self.scales_and_mins, self.groupsize)
+        else:  # a prompt: the weight dequantized once, multiplied in bfloat16 where the CPU has it natively
+            kd = kernel_dtype(x.device, x.dtype)
+            y = rows.to(kd) @ torch.ops.lit_llama.int4_dequantize(self.qweight, self.scales_and_mins, self.groupsize).to(kd)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         kind = "int8 as two int4 halves" if self.split else "int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, groupsize={self.groupsize}"
+
+
+def int4_tiles(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel's layout (lit_llama/csrc/int4_matmul.cpp) of codes q (out, in) in [0, 15] and
+    per-group scales and offsets (out, groups), w = q s + m: codes (out/16, in/8, 64) uint8, for each
+    tile of 16 rows and block of 8 inputs the rows' 32-bit words side by side, input 8b + n in bits
+    4n..4n+3; and (out/16, groups, 2, 16), the tile's scales then its offsets for each group, in
+    float16 where that holds them exactly (our quantizer's, GGUF's Q4_0/Q4_1/Q8_0/Q5_x), else in
+    float32 (K-quants' products of two scales, GPTQ's offsets s * zero)."""
+    rows, cols = q.shape
+    pairs = q.to(torch.uint8).view(rows // INT4_ROWS, INT4_ROWS, cols // 8, 4, 2)
+    words = pairs[..., 0] | (pairs[..., 1] << 4)  # (tiles, 16, blocks, 4 bytes), little-endian words
+    codes = words.permute(0, 2, 1, 3).reshape(rows // INT4_ROWS, cols // 8, 4 * INT4_ROWS).contiguous()
+    sm = torch.stack((scales.float(), mins.float()), dim=1).view(rows // INT4_ROWS, INT4_ROWS, 2, -1)
+    sm = sm.permute(0, 3, 2, 1).contiguous()
+    return codes, sm.half() if torch.equal(sm.half().float(), sm) else sm
 
 
 def with_bias(layer: nn.Linear, bias: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> nn.Linear:
@@ -350,7 +374,7 @@ def int8_head(w: torch.Tensor, bits: int, device, dtype: torch.dtype) -> Tuple[n
     rows = Int8Linear.from_float(w, device, dtype)
     groups = [g for g in INT4_GROUPS if rows.in_features % g == 0]
     if not (bits == 4 and groups and rows.out_features % INT4_ROWS == 0 and rows.qweight.device.type == "cpu"
-            and rows.kernel_dtype == torch.bfloat16):
+            and cpu_kernels.available()):
         return rows, rows
     g = max(groups)
     scales = rows.scales.float()[:, None].expand(-1, rows.in_features // g).contiguous()
@@ -360,7 +384,7 @@ def int8_head(w: torch.Tensor, bits: int, device, dtype: torch.dtype) -> Tuple[n
 def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
     """Swap each 3- or 4-bit PackedLinear (quantize/gptq.py's checkpoints) on the CPU whose groups are
     whole and whose outputs come in tiles of 16 for the Int4Linear with the same weights, in place:
-    torch's int4 kernel instead of unpacking the integers at every product; `dtype`: the activations'.
+    the CPU int4 kernel instead of unpacking the integers at every product; `dtype`: the activations'.
     Returns how many. The embedding and a 6- or 8-bit head stay packed."""
     swapped = 0
     for parent in list(model.modules()):
@@ -378,14 +402,14 @@ def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
 def kept_layer(rows: QuantizedRows, device, dtype: torch.dtype) -> nn.Linear:
     """The layer that multiplies a GGUF tensor's codes as they are (w = q * scale + offset per
     group): 4-bit codes as an Int4Linear, whose form (q - 8) s + z takes the offset as z = offset + 8 s;
-    8-bit codes, where the CPU runs the int4 kernel in bfloat16, as two 4-bit halves on it (torch's
-    int8 kernel takes one scale per row, not per group); else, and for groups of 16 (Q6_K) or shapes
+    8-bit codes, where the CPU int4 kernel is built, as two 4-bit halves on it (torch's int8 kernel
+    takes one scale per row, not per group); else, and for groups of 16 (Q6_K) or shapes
     the int4 layout cannot take, as int8 codes dequantized for each product (fused in a compiled step)."""
     q, s, z = (t.to(device) for t in (rows.q, rows.scales, rows.zeros))
     if rows.groupsize in INT4_GROUPS and q.size(0) % INT4_ROWS == 0:
         if rows.bits == 4:
             return Int4Linear(q, s, z + 8 * s, rows.groupsize, dtype)
-        if q.device.type == "cpu" and kernel_dtype(q.device, dtype) == torch.bfloat16:
+        if q.device.type == "cpu" and cpu_kernels.available():
             return Int4Linear.from_int8_codes(q, s, z, rows.groupsize, dtype)
     return Int8Linear(q.to(torch.int8), s, dtype, zeros=z, groupsize=rows.groupsize)
 

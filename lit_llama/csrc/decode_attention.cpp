@@ -189,7 +189,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
-TORCH_LIBRARY(lit_llama, m) {
+TORCH_LIBRARY_FRAGMENT(lit_llama, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
