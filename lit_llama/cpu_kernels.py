@@ -1,5 +1,5 @@
 """CPU kernels for decoding (lit_llama/csrc): attention of one query over the KV cache
-(decode_attention.cpp) and products with 4-bit weights (int4_matmul.cpp).
+(decode_attention.cpp) and products with 4- and 8-bit weights (lowbit_matmul.cpp).
 
 Built on first use with torch's C++ extension loader (a C++ compiler and ninja, what torch.compile
 on CPU needs already), once per machine and torch version, and registered as operators
@@ -49,14 +49,14 @@ def _load() -> bool:
     def _(q, k, v, mask):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    # codes (N/16, K/8, 64): see int4_matmul.cpp
-    @torch.library.register_fake("lit_llama::int4_matmul")
-    def _(x, codes, sm, groupsize):
+    # codes (N/16, K * bits / 32, 64): see lowbit_matmul.cpp
+    @torch.library.register_fake("lit_llama::lowbit_matmul")
+    def _(x, codes, sm, groupsize, bits):
         return x.new_empty((x.size(0), codes.size(0) * 16), dtype=torch.float32)
 
-    @torch.library.register_fake("lit_llama::int4_dequantize")
-    def _(codes, sm, groupsize):
-        return codes.new_empty((codes.size(1) * 8, codes.size(0) * 16), dtype=torch.float32)
+    @torch.library.register_fake("lit_llama::lowbit_dequantize")
+    def _(codes, sm, groupsize, bits):
+        return codes.new_empty((codes.size(1) * 32 // bits, codes.size(0) * 16), dtype=torch.float32)
 
     return True
 

@@ -23,7 +23,7 @@ from lit_llama.infer.load import load_for_inference
 from lit_llama.io.checkpoint import CheckpointError, load_model, load_state_dict, read_quantization
 from lit_llama.io.gguf import KEPT_TYPES, convert_gguf_checkpoint, quantized_rows
 from lit_llama.quant import weight_only
-from lit_llama.quant.weight_only import Int4Linear, Int8Embedding, Int8Linear
+from lit_llama.quant.weight_only import LowBitLinear, Int8Embedding, Int8Linear
 from lit_llama.utils import UserError
 from test_convert_gguf import add_llama_metadata, halves_to_interleaved, spm_model  # noqa: F401 (a fixture)
 
@@ -225,7 +225,7 @@ def test_kept_model_equals_the_dequantized_checkpoint(converted, case, kernels):
     _, ref, _ = load_for_inference(dequantized)
     ours, ref = ours.module if hasattr(ours, "module") else ours, ref.module if hasattr(ref, "module") else ref
     kinds = {type(m) for m in float_layers(ours).values()}
-    assert kinds <= {Int4Linear, Int8Linear} and Int4Linear in kinds, kinds
+    assert kinds <= {LowBitLinear, Int8Linear} and LowBitLinear in kinds, kinds
     assert isinstance(ours.transformer.wte, Int8Embedding)
     # every layer's weight (read back through its kernel) is the dequantized checkpoint's
     theirs = float_layers(ref)
@@ -244,12 +244,12 @@ def test_kept_model_equals_the_dequantized_checkpoint(converted, case, kernels):
 
 
 def test_split_int8_layer_is_the_8_bit_weight(kernels):
-    """8-bit codes held as two 4-bit halves (Int4Linear.from_int8_codes) multiply as the 8-bit weight."""
+    """8-bit codes held as two 4-bit halves (LowBitLinear.from_int8_codes) multiply as the 8-bit weight."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-128, 128, (48, 128), generator=g)
     s, z = torch.rand(48, 4, generator=g) * 1e-2, torch.randn(48, 4, generator=g) * 1e-2
     want = (q.view(48, 4, 32) * s[..., None] + z[..., None]).view(48, 128)
-    layer = Int4Linear.from_int8_codes(q, s, z, 32, torch.float32)
+    layer = LowBitLinear.from_int8_codes(q, s, z, 32, torch.float32)
     assert_same_weights(layer.weight, want, "split")
     x = torch.randn(3, 128, generator=g)
     assert_same_product(layer(x), x, want)

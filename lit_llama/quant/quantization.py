@@ -18,7 +18,7 @@ import torch.nn as nn
 from lit_llama.io.checkpoint import KEPT_METHOD, packed_mode
 from lit_llama.quant.bnb import dequantize_bnb_weight, import_bitsandbytes
 from lit_llama.quant.packed import PackedLinear
-from lit_llama.quant.weight_only import MODES as WEIGHT_ONLY_MODES, Int4Linear, Int8Linear
+from lit_llama.quant.weight_only import MODES as WEIGHT_ONLY_MODES, LowBitLinear, Int8Linear
 from lit_llama.utils import UserError
 
 # the --quantize choices of the generate and evaluate scripts
@@ -49,6 +49,6 @@ def check_quantize_mode(checkpoint_dir: Path, mode: Optional[str], quantization:
 
 def dequantize_weight(linear: nn.Module) -> torch.Tensor:
     """The weight of `linear` in floating point: a quantized weight dequantized, a plain one as is."""
-    if isinstance(linear, (PackedLinear, Int8Linear, Int4Linear)):
+    if isinstance(linear, (PackedLinear, Int8Linear, LowBitLinear)):
         return linear.weight
     return dequantize_bnb_weight(linear)

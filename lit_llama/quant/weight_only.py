@@ -2,26 +2,27 @@
 calibration data, activations stay in floating point, and a decode step reads 1 or 0.5 bytes per
 weight instead of 4.
 
-  int8   one scale per output row, symmetric: q = round(w / s), s = max|w| / 127, q in [-127, 127]
+  int8   one scale per output row, symmetric: q = round(w / s), s = max|w| / 127 (rounded to
+         float16), q in [-127, 127]
   int4   one scale and one offset per group of `groupsize` inputs (32 by default; 64, 128), min-max
-         over 16 levels, in the form torch's int4 kernels take: w = (q - 8) s + z, with
-         s = (max - min) / 15 and z = min + 8 s, so q = 0 is the group's minimum and q = 15 its maximum
+         over 16 levels: w = (q - 8) s + z, with s = (max - min) / 15 and z = min + 8 s (min and s
+         rounded to float16, as GGUF's Q4_1 stores them), so q = 0 is the group's minimum
 
-On CPU, int4 products of a few rows (decoding) run in lit_llama/csrc/int4_matmul.cpp, which reads
-the 4-bit codes and float16 scales at close to the memory's bandwidth with float32 activations (on a
-2-core Zen 4, 1.4-1.5x torch's `_weight_int4pack_mm_for_cpu`, which takes bfloat16 activations);
-prompts multiply the weight it dequantizes. int8 products run in torch's `_weight_int8pack_mm`,
-fast with bfloat16 activations where the CPU has AVX512-BF16 or AMX (there the activations are cast
-to bfloat16 for the product and the result back; measured on a 2-core Xeon with AMX, a 4096x4096
-int8 layer: 0.57 ms, against 6.5 ms with float32 activations and 1.4 ms for the float32 layer).
-Elsewhere, on other devices, and for int8 in a compiled step of one row (batch-1 decoding, where the
-fused reduction streams the bytes faster than the kernel), the layer multiplies by its integers cast
-to the activations' type and scales the result (gpt-fast's form; compiled, the cast fuses into the
-product).
+On CPU, products of a few rows of activations (decoding) run in lit_llama/csrc/lowbit_matmul.cpp
+(LowBitLinear), which reads the 8- or 4-bit codes and their scales at close to the memory's
+bandwidth with float32 activations (on a 2-core Zen 4, 1.4-1.5x torch's `_weight_int4pack_mm_for_cpu`,
+which takes bfloat16 activations, and faster than int8 codes cast inside a compiled reduction);
+prompts multiply the weight it dequantizes, in bfloat16 where the CPU has it natively. Where the
+kernel cannot be built, int8 layers are Int8Linear: torch's `_weight_int8pack_mm`, fast with
+bfloat16 activations where the CPU has AVX512-BF16 or AMX (measured on a 2-core Xeon with AMX, a
+4096x4096 int8 layer: 0.57 ms, against 6.5 ms with float32 activations and 1.4 ms for the float32
+layer), and in a compiled step of one row, or on other devices, the integers cast to the
+activations' type inside the product (gpt-fast's form); int4 layers dequantize their codes for
+each product (fused into it in a compiled step).
 
 The output head is quantized too (it is a fifth of a small model's weights); at int4 it stays at
-int8, as llama.cpp keeps its output tensor at more bits than the blocks. A tied embedding shares the
-head's int8 rows (but see int8_head): a lookup dequantizes only the rows it reads.
+int8, as llama.cpp keeps its output tensor at more bits than the blocks. A tied embedding looks up
+the head's own int8 rows: a lookup dequantizes only the rows it reads.
 """
 
 import functools
@@ -76,9 +77,10 @@ def kernel_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 (out, in), scales float32 (out,)) with w ~ q * scales[:, None]."""
+    """(q int8 (out, in), scales float32 (out,)) with w ~ q * scales[:, None]; the scale is rounded to
+    float16 first, so the CPU kernel's float16 copy of it is exact."""
     w = w.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    scales = (w.abs().amax(dim=1) / 127).half().float().clamp(min=2.0 ** -24)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -172,10 +174,10 @@ class Int8Linear(nn.Linear):
 
 
 class Int8Embedding(nn.Module):
-    """The token embedding as int8 rows (an Int8Linear's: the tied head's own tensors, or its own
-    with `shared=False`): a lookup dequantizes only the rows it reads."""
+    """The token embedding as the int8 rows of a layer (an Int8Linear's or a LowBitLinear's: the tied
+    head's own tensors, or its own with `shared=False`): a lookup dequantizes only the rows it reads."""
 
-    def __init__(self, head: Int8Linear, dtype: torch.dtype, shared: bool = True):
+    def __init__(self, head: nn.Linear, dtype: torch.dtype, shared: bool = True):
         super().__init__()
         self.dtype = dtype
         if shared:  # in a list: not a submodule, so not a second state-dict entry
@@ -195,62 +197,54 @@ class Int8Embedding(nn.Module):
         return self.head[0].matmul(x)
 
 
-class Int4Linear(nn.Linear):
-    """A linear layer with 4-bit weights, a scale and an offset per group of `groupsize` inputs:
-    w = (q - 8) * scale + z, and a float `bias` added after the product if set (with_bias). On CPU,
-    where lit_llama/csrc/int4_matmul.cpp builds, the integers are held in its tiles of 16 rows with
-    scales and offsets (w = q s + m, m = z - 8 s; see int4_tiles) and a few rows of activations (decoding)
-    are multiplied by that kernel, more rows (a prompt) by the weight it dequantizes; elsewhere as
-    bytes of two values (low nibble first) that the forward pass dequantizes (fused into the
-    product in a compiled step). With `split`, the layer is an 8-bit one held as two 4-bit halves
-    side by side (from_int8_codes): the kernel multiplies the input twice over."""
+class LowBitLinear(nn.Linear):
+    """A linear layer with 4- or 8-bit weights (`bits`), a scale and an offset per group of
+    `groupsize` inputs: w = (q - 2^(bits-1)) * scale + z, q unsigned, and a float `bias` added after
+    the product if set (with_bias). On CPU, where lit_llama/csrc/lowbit_matmul.cpp builds, the codes
+    are held in its tiles of 16 rows with scales and offsets (w = q s + m, see lowbit_tiles), and a
+    few rows of activations (decoding) are multiplied by that kernel, more rows (a prompt) by the
+    weight it dequantizes; elsewhere as packed bytes (low bits first) that the forward pass
+    dequantizes (fused into the product in a compiled step)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
-                 dtype: torch.dtype, perm: Optional[torch.Tensor] = None, split: bool = False):
+                 dtype: torch.dtype, perm: Optional[torch.Tensor] = None, bits: int = 4):
         nn.Module.__init__(self)
-        self.out_features, self.kernel_in = q.shape
-        self.split = split
-        self.in_features = self.kernel_in // 2 if split else self.kernel_in
+        self.out_features, self.in_features = q.shape
         self.groupsize = groupsize
+        self.bits = bits
         self.dtype = dtype
         # GPTQ's act-order: columns stored in the order they were quantized; the input is permuted to match
         self.register_buffer("perm", None if perm is None else perm.to(device=q.device, dtype=torch.int32))
-        mins = zeros.float() - 8 * scales.float()
         self.kernel = q.device.type == "cpu" and cpu_kernels.available()
         if self.kernel:
-            codes, sm = int4_tiles(q, scales, mins)
+            mins = zeros.float() - 2 ** (bits - 1) * scales.float()
+            codes, sm = lowbit_tiles(q, scales, mins, bits)
             self.register_buffer("qweight", codes)
             self.register_buffer("scales_and_mins", sm)
         else:
-            self.register_buffer("qweight", pack_int(q, 4))
+            self.register_buffer("qweight", pack_int(q, bits))
             # (groups, out, 2): scale and offset side by side
             self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous())
         self.register_parameter("bias", None)
 
     @classmethod
     def from_int8_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
-                        dtype: torch.dtype) -> "Int4Linear":
-        """w = q * scale + zero per group, q 8-bit codes (-128..127), for the int4 kernel: with
-        q = 16 h + l (l = q & 15 in 0..15, h = q >> 4 in -8..7), w = s l + 16 s h + z: two 4-bit
-        layers in the form (c - 8) S + Z, the low one c = l, S = s, Z = z + 8 s, the high one
-        c = h + 8, S = 16 s, Z = 0, whose inputs are the same x: one product over [x, x] sums both."""
-        q = q.to(torch.int32)
-        codes = torch.cat((q & 15, (q >> 4) + 8), dim=1)
-        s = torch.cat((scales, 16 * scales), dim=1)
-        z = torch.cat((zeros + 8 * scales, torch.zeros_like(zeros)), dim=1)
-        return cls(codes, s, z, groupsize, dtype, split=True)
+                        dtype: torch.dtype) -> "LowBitLinear":
+        """w = q * scale + zero per group, q signed 8-bit codes (-128..127)."""
+        return cls(q.to(torch.int32) + 128, scales, zeros, groupsize, dtype, bits=8)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, groupsize: int, device=None, dtype: Optional[torch.dtype] = None,
-                   where: str = "a layer") -> "Int4Linear":
+                   where: str = "a layer") -> "LowBitLinear":
+        """4-bit weights, quantize_int4's."""
         check_int4_shape(w.size(1), w.size(0), groupsize, where)
         q, scales, zeros = quantize_int4(w.to(device) if device is not None else w, groupsize)
         return cls(q, scales, zeros, groupsize, dtype or w.dtype)
 
     @classmethod
-    def from_packed(cls, layer: PackedLinear, dtype: torch.dtype) -> "Int4Linear":
-        """The same weights as a 3- or 4-bit GPTQ/RTN PackedLinear, w = s (q - zero) = (q - 8) s + s (8 - zero),
-        for the int4 kernel (codes of 3 bits are 4-bit codes below 8)."""
+    def from_packed(cls, layer: PackedLinear, dtype: torch.dtype) -> "LowBitLinear":
+        """The same weights as a 3- or 4-bit GPTQ/RTN PackedLinear, w = s (q - zero) = (q - 8) s + s (8 - zero)
+        (codes of 3 bits are 4-bit codes below 8)."""
         s = layer.scales.float()
         z = s * (8 - layer.zeros.float())
         return cls(layer.ints(), s, z, layer.groupsize, dtype, layer.perm)
@@ -258,18 +252,34 @@ class Int4Linear(nn.Linear):
     @property
     def weight(self) -> torch.Tensor:
         if self.kernel:
-            w = torch.ops.lit_llama.int4_dequantize(self.qweight, self.scales_and_mins, self.groupsize).t().to(self.dtype)
+            w = torch.ops.lit_llama.lowbit_dequantize(self.qweight, self.scales_and_mins, self.groupsize, self.bits)
+            w = w.t().to(self.dtype)
         else:
             w = self._dequantize(self.dtype)
-        if self.split:
-            w = w[:, :self.in_features] + w[:, self.in_features:]
         return unpermute_columns(w, self.perm)
 
+    def rows(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `idx` of the weight (an embedding lookup), dequantized to `dtype`: only their codes
+        are read."""
+        if self.perm is not None:
+            raise ValueError("rows of a layer with permuted columns are not looked up")
+        if self.kernel:  # row r is lane r % 16 of tile r // 16 (lowbit_tiles)
+            t, lane = idx // INT4_ROWS, idx % INT4_ROWS
+            words = self.qweight.view(self.qweight.size(0), -1, INT4_ROWS, 4)[t, :, lane]  # (..., blocks, 4 bytes)
+            q = words if self.bits == 8 else torch.stack((words & 15, words >> 4), dim=-1)
+            s, m = self.scales_and_mins[t, :, :, lane].to(dtype).unbind(-1)  # (..., groups) each
+        else:
+            q = unpack_int(self.qweight[idx], self.bits, self.in_features)
+            s, z = self.scales_and_zeros[:, idx].to(dtype).movedim(0, -2).unbind(-1)
+            m = z - 2 ** (self.bits - 1) * s
+        g = q.reshape(*idx.shape, -1, self.groupsize).to(dtype)
+        return (g * s[..., None] + m[..., None]).flatten(-2)
+
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        q = unpack_int(self.qweight, 4, self.kernel_in, dtype)
+        q = unpack_int(self.qweight, self.bits, self.in_features, dtype)
         s, z = self.scales_and_zeros.to(dtype).unbind(-1)  # (groups, out) each
         g = q.view(self.out_features, -1, self.groupsize)
-        return ((g - 8) * s.t()[..., None] + z.t()[..., None]).reshape(self.out_features, self.kernel_in)
+        return ((g - 2 ** (self.bits - 1)) * s.t()[..., None] + z.t()[..., None]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return add_bias(self.matmul(x), self.bias)
@@ -277,34 +287,34 @@ class Int4Linear(nn.Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if self.split:
-            x = torch.cat((x, x), dim=-1)
         if not self.kernel:
             return F.linear(x, self._dequantize(x.dtype))
-        rows = x.reshape(-1, self.kernel_in)
+        rows = x.reshape(-1, self.in_features)
+        args = (self.qweight, self.scales_and_mins, self.groupsize, self.bits)
         if rows.size(0) <= KERNEL_ROWS:
-            y = torch.ops.lit_llama.int4_matmul(rows, self.qweight, self.scales_and_mins, self.groupsize)
+            y = torch.ops.lit_llama.lowbit_matmul(rows, *args)
         else:  # a prompt: the weight dequantized once, multiplied in bfloat16 where the CPU has it natively
             kd = kernel_dtype(x.device, x.dtype)
-            y = rows.to(kd) @ torch.ops.lit_llama.int4_dequantize(self.qweight, self.scales_and_mins, self.groupsize).to(kd)
+            y = rows.to(kd) @ torch.ops.lit_llama.lowbit_dequantize(*args).to(kd)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        kind = "int8 as two int4 halves" if self.split else "int4"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, groupsize={self.groupsize}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, groupsize={self.groupsize}"
 
 
-def int4_tiles(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The CPU kernel's layout (lit_llama/csrc/int4_matmul.cpp) of codes q (out, in) in [0, 15] and
-    per-group scales and offsets (out, groups), w = q s + m: codes (out/16, in/8, 64) uint8, for each
-    tile of 16 rows and block of 8 inputs the rows' 32-bit words side by side, input 8b + n in bits
-    4n..4n+3; and (out/16, groups, 2, 16), the tile's scales then its offsets for each group, in
-    float16 where that holds them exactly (our quantizer's, GGUF's Q4_0/Q4_1/Q8_0/Q5_x), else in
-    float32 (K-quants' products of two scales, GPTQ's offsets s * zero)."""
+def lowbit_tiles(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel's layout (lit_llama/csrc/lowbit_matmul.cpp) of unsigned `bits`-bit codes q
+    (out, in) and per-group scales and offsets (out, groups), w = q s + m: codes (out/16, in/P, 64)
+    uint8, P = 32 / bits codes a word, for each tile of 16 rows and block of P inputs the rows'
+    little-endian 32-bit words side by side, input Pb + n in bits `bits` n..; and (out/16, groups,
+    2, 16), the tile's scales then its offsets for each group, in float16 where that holds them
+    exactly (our quantizers', GGUF's Q4_0/Q4_1/Q8_0/Q5_x), else in float32 (K-quants' products of
+    two scales, GPTQ's offsets s * zero)."""
     rows, cols = q.shape
-    pairs = q.to(torch.uint8).view(rows // INT4_ROWS, INT4_ROWS, cols // 8, 4, 2)
-    words = pairs[..., 0] | (pairs[..., 1] << 4)  # (tiles, 16, blocks, 4 bytes), little-endian words
-    codes = words.permute(0, 2, 1, 3).reshape(rows // INT4_ROWS, cols // 8, 4 * INT4_ROWS).contiguous()
+    per_byte = 8 // bits
+    parts = q.to(torch.uint8).view(rows // INT4_ROWS, INT4_ROWS, cols // (4 * per_byte), 4, per_byte)
+    words = parts[..., 0] if per_byte == 1 else parts[..., 0] | (parts[..., 1] << 4)  # (tiles, 16, blocks, 4 bytes)
+    codes = words.permute(0, 2, 1, 3).reshape(rows // INT4_ROWS, -1, 4 * INT4_ROWS).contiguous()
     sm = torch.stack((scales.float(), mins.float()), dim=1).view(rows // INT4_ROWS, INT4_ROWS, 2, -1)
     sm = sm.permute(0, 3, 2, 1).contiguous()
     return codes, sm.half() if torch.equal(sm.half().float(), sm) else sm
@@ -324,8 +334,9 @@ def with_bias(layer: nn.Linear, bias: Optional[torch.Tensor], dtype: Optional[to
 def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[torch.dtype] = None,
                          release_mapped: bool = False) -> LLaMA:
     """Replace every float nn.Linear of the blocks (LoRA's and adapters' base layers included) by
-    an Int8Linear or Int4Linear on `device` (default: where the weight is), and the head by its
-    int8 codes (int8_head; tied: the embedding becomes an Int8Embedding of them), in place. Every
+    a LowBitLinear (int4; int8 where the CPU kernel runs it) or an Int8Linear on `device` (default:
+    where the weight is), and the head by its
+    int8 codes (int8_head; tied: the embedding becomes an Int8Embedding of the head), in place. Every
     shape is checked before anything is replaced, so a bad group size changes nothing. `dtype`: the
     activations' (the model's after Fabric's precision; default the weights'). With `release_mapped`,
     the pages of each memory-mapped float weight are given back once quantized."""
@@ -344,46 +355,48 @@ def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[t
         w = child.weight.detach()
         if w.is_meta:
             raise ValueError("cannot quantize weights on the meta device: load them first")
-        layer = (Int8Linear.from_float(w, device, dtype) if bits == 8
-                 else Int4Linear.from_float(w, groupsize, device, dtype, where))
+        layer = (int8_layer(Int8Linear.from_float(w, device, dtype), dtype) if bits == 8
+                 else LowBitLinear.from_float(w, groupsize, device, dtype, where))
         setattr(parent, name, with_bias(layer, child.bias, dtype).train(child.training))
         if release_mapped:
             release_mapped_pages(child.weight)
             release_freed_heap()
     wte = model.transformer.wte
-    if model.lm_head is None:  # tied: one int8 tensor is the head and the embedding (or two, see int8_head)
-        model.lm_head, table = int8_head(wte.weight.detach(), bits, device, dtype)
-        model.transformer.wte = Int8Embedding(table, dtype, shared=table is model.lm_head)
+    if model.lm_head is None:  # tied: one int8 tensor is the head and the embedding
+        model.lm_head = int8_head(wte.weight.detach(), device, dtype)
+        model.transformer.wte = Int8Embedding(model.lm_head, dtype)
         if release_mapped:
             release_mapped_pages(wte.weight)
     elif type(model.lm_head) is nn.Linear:
         old = model.lm_head.weight
-        model.lm_head = int8_head(old.detach(), bits, device, dtype)[0]
+        model.lm_head = int8_head(old.detach(), device, dtype)
         if release_mapped:
             release_mapped_pages(old)
     release_freed_heap()
     return model
 
 
-def int8_head(w: torch.Tensor, bits: int, device, dtype: torch.dtype) -> Tuple[nn.Linear, Int8Linear]:
-    """(the head, its int8 rows for an embedding's lookups): w quantized per row to int8. Among int4
-    layers on a CPU that runs the int4 kernel, the same codes go to that kernel as two 4-bit halves
-    (Int4Linear.from_int8_codes, the row's scale in every group), and a tied embedding looks up a
-    second copy: measured on a 2-core Zen 4, the embedded model's int4 step decodes 121 tokens/s
-    against 98 with the fused int8 head (an int8 step, 137 either way, keeps the one copy)."""
-    rows = Int8Linear.from_float(w, device, dtype)
+def int8_head(w: torch.Tensor, device, dtype: torch.dtype) -> nn.Linear:
+    """The head: w quantized per row to int8 (at int4 too, as llama.cpp keeps its output tensor at
+    more bits than the blocks), on the CPU kernel where it runs (int8_layer)."""
+    return int8_layer(Int8Linear.from_float(w, device, dtype), dtype)
+
+
+def int8_layer(rows: Int8Linear, dtype: torch.dtype) -> nn.Linear:
+    """The same int8 weights on the CPU kernel (a LowBitLinear of 8 bits, the row's scale in every
+    group), where it is built and the shape fits its tiles; else `rows` itself."""
     groups = [g for g in INT4_GROUPS if rows.in_features % g == 0]
-    if not (bits == 4 and groups and rows.out_features % INT4_ROWS == 0 and rows.qweight.device.type == "cpu"
+    if not (groups and rows.out_features % INT4_ROWS == 0 and rows.qweight.device.type == "cpu"
             and cpu_kernels.available()):
-        return rows, rows
+        return rows
     g = max(groups)
     scales = rows.scales.float()[:, None].expand(-1, rows.in_features // g).contiguous()
-    return Int4Linear.from_int8_codes(rows.qweight, scales, torch.zeros_like(scales), g, dtype), rows
+    return LowBitLinear.from_int8_codes(rows.qweight, scales, torch.zeros_like(scales), g, dtype)
 
 
 def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
     """Swap each 3- or 4-bit PackedLinear (quantize/gptq.py's checkpoints) on the CPU whose groups are
-    whole and whose outputs come in tiles of 16 for the Int4Linear with the same weights, in place:
+    whole and whose outputs come in tiles of 16 for the LowBitLinear with the same weights, in place:
     the CPU int4 kernel instead of unpacking the integers at every product; `dtype`: the activations'.
     Returns how many. The embedding and a 6- or 8-bit head stay packed."""
     swapped = 0
@@ -391,7 +404,7 @@ def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
         for name, child in list(parent.named_children()):
             if (type(child) is PackedLinear and child.bits in (3, 4) and child.qweight.device.type == "cpu"
                     and child.in_features % child.groupsize == 0 and child.out_features % INT4_ROWS == 0):
-                setattr(parent, name, with_bias(Int4Linear.from_packed(child, dtype), child.bias).train(child.training))
+                setattr(parent, name, with_bias(LowBitLinear.from_packed(child, dtype), child.bias).train(child.training))
                 swapped += 1
     return swapped
 
@@ -401,16 +414,16 @@ def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
 
 def kept_layer(rows: QuantizedRows, device, dtype: torch.dtype) -> nn.Linear:
     """The layer that multiplies a GGUF tensor's codes as they are (w = q * scale + offset per
-    group): 4-bit codes as an Int4Linear, whose form (q - 8) s + z takes the offset as z = offset + 8 s;
+    group): 4-bit codes as an LowBitLinear, whose form (q - 8) s + z takes the offset as z = offset + 8 s;
     8-bit codes, where the CPU int4 kernel is built, as two 4-bit halves on it (torch's int8 kernel
     takes one scale per row, not per group); else, and for groups of 16 (Q6_K) or shapes
     the int4 layout cannot take, as int8 codes dequantized for each product (fused in a compiled step)."""
     q, s, z = (t.to(device) for t in (rows.q, rows.scales, rows.zeros))
     if rows.groupsize in INT4_GROUPS and q.size(0) % INT4_ROWS == 0:
         if rows.bits == 4:
-            return Int4Linear(q, s, z + 8 * s, rows.groupsize, dtype)
+            return LowBitLinear(q, s, z + 8 * s, rows.groupsize, dtype)
         if q.device.type == "cpu" and cpu_kernels.available():
-            return Int4Linear.from_int8_codes(q, s, z, rows.groupsize, dtype)
+            return LowBitLinear.from_int8_codes(q, s, z, rows.groupsize, dtype)
     return Int8Linear(q.to(torch.int8), s, dtype, zeros=z, groupsize=rows.groupsize)
 
 

@@ -1,4 +1,4 @@
-// Matrix-vector products with 4-bit weights, for CPU decoding (a few rows of activations).
+// Matrix-vector products with 4- and 8-bit weights, for CPU decoding (a few rows of activations).
 //
 // Why not torch's _weight_int4pack_mm_for_cpu: it takes bfloat16 activations (slow where the CPU
 // lacks native bfloat16) and, at one row, streams the weights at about half the memory bandwidth.
@@ -6,23 +6,24 @@
 // reading them: float32 activations, one fused multiply-add per weight, the group's scale and
 // offset applied once per group.
 //
-// Layout, for N outputs (rows of W, a multiple of 16) and K inputs, groups of GS inputs (32, 64, 128):
-//   codes (N/16, K/8, 64) uint8: a tile of 16 rows; for each block of 8 inputs, 16 little-endian
-//         32-bit words, word l holding row 16t + l's 8 codes, input 8b + n in bits 4n..4n+3. The 16
+// Layout, for N outputs (rows of W, a multiple of 16) and K inputs, groups of GS inputs (32, 64, 128),
+// BITS = 4 or 8 bits a code (unsigned: 0..15 or 0..255), P = 32 / BITS codes a 32-bit word:
+//   codes (N/16, K/P, 64) uint8: a tile of 16 rows; for each block of P inputs, 16 little-endian
+//         32-bit words, word l holding row 16t + l's P codes, input Pb + n in bits BITS n.. The 16
 //         rows of a tile are the 16 lanes of a vector, so a tile's output is one register (no
-//         horizontal sums), and one 64-byte load brings 128 codes.
+//         horizontal sums), and one 64-byte load brings 16 P codes.
 //   sm    (N/16, K/GS, 2, 16) float16 (or float32, where float16 would round them): per tile and
 //         group, the 16 rows' scales s, then their offsets m.
 //   w[n, k] = q[n, k] * s[n, k / GS] + m[n, k / GS]   (GGUF's Q4_1 form; Q4_0 is m = -8 s)
 //
-// A code becomes a float without a conversion instruction: its 4 bits placed at the top of a
-// float's mantissa under the exponent of 1.0 give f = 1 + q / 16, exactly (a shift and one bitwise
-// select). Then w = 16 s f + (m - 16 s), and y[n] = sum over groups of 16 s (f . x) + (m - 16 s) sum(x):
+// A code becomes a float without a conversion instruction: its bits placed at the top of a float's
+// mantissa under the exponent of 1.0 give f = 1 + q / F, F = 2^BITS, exactly (a shift and one
+// bitwise select). Then w = F s f + (m - F s), and y[n] = sum over groups of F s (f . x) + (m - F s) sum(x):
 // per weight a shift, a select and a multiply-add, half the floating-point work of converting.
 //
-// int4_matmul(x (M, K), codes, sm, GS) -> (M, N) float32; int4_dequantize(codes, sm, GS) -> (K, N)
-// float32, W transposed, for products of many rows (prefill), which the caller gives to a matrix
-// multiplication (at 512 rows that is 1.6-2.7x faster than the kernel row by row).
+// lowbit_matmul(x (M, K), codes, sm, GS, BITS) -> (M, N) float32; lowbit_dequantize(codes, sm, GS,
+// BITS) -> (K, N) float32, W transposed, for products of many rows (prefill), which the caller gives
+// to a matrix multiplication (at 512 rows that is 1.6-2.7x faster than the kernel row by row).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,12 +43,24 @@
 namespace {
 
 constexpr int64_t kRows = 16;  // rows per tile: the lanes of an AVX-512 float register
-constexpr int kBlock = 8;      // inputs per 32-bit word
-constexpr uint32_t kOne = 0x3F800000u;       // 1.0f
-constexpr uint32_t kMantissa = 0x00780000u;  // a float's top 4 mantissa bits, 19..22
+constexpr uint32_t kOne = 0x3F800000u;  // 1.0f
 
-// shifts that bring nibble n (bits 4n..4n+3) to bits 19..22: left by 19 - 4n, right beyond n = 4
-#define NIBBLE_SHIFTS(F) F(0, slli, 19) F(1, slli, 15) F(2, slli, 11) F(3, slli, 7) F(4, slli, 3) F(5, srli, 1) F(6, srli, 5) F(7, srli, 9)
+// the codes of a BITS-bit layout: P a word, the mask of a float's top BITS mantissa bits (..22), and
+// the shifts that bring code n of a word to them (left by 23 - BITS - BITS n, right beyond)
+template <int BITS>
+struct Codes;
+template <>
+struct Codes<4> {
+  static constexpr int P = 8;
+  static constexpr uint32_t kMantissa = 0x00780000u;
+#define SHIFTS_4(F) F(0, slli, 19) F(1, slli, 15) F(2, slli, 11) F(3, slli, 7) F(4, slli, 3) F(5, srli, 1) F(6, srli, 5) F(7, srli, 9)
+};
+template <>
+struct Codes<8> {
+  static constexpr int P = 4;
+  static constexpr uint32_t kMantissa = 0x007F8000u;
+#define SHIFTS_8(F) F(0, slli, 15) F(1, slli, 7) F(2, srli, 1) F(3, srli, 9)
+};
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -58,28 +71,34 @@ inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(
 #endif
 
 // y[0..16) = one tile's outputs for one row of activations x (K = groups * GS), xsum: x's group sums
-template <int GS, typename S>
+template <int BITS, int GS, typename S>
 void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const float* __restrict x,
                   const float* __restrict xsum, float* __restrict y, int64_t groups) {
 #if defined(__AVX512F__)
-  const __m512i mantissa = _mm512_set1_epi32(kMantissa), one = _mm512_set1_epi32(kOne);
+  constexpr int P = Codes<BITS>::P;
+  const __m512i mantissa = _mm512_set1_epi32(Codes<BITS>::kMantissa), one = _mm512_set1_epi32(kOne);
+  const __m512 F = _mm512_set1_ps(static_cast<float>(1 << BITS));
   __m512 out = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     // four accumulators: four independent chains of multiply-adds keep the pipes busy
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int b = 0; b < GS / kBlock; ++b) {
-      const __m512i w = _mm512_loadu_si512(codes + (g * GS / kBlock + b) * kRows * 4);
-      const float* xb = x + g * GS + b * kBlock;
-      // (shifted & mantissa) | one: ternary logic 0xEA; f = 1 + q / 16
+    for (int b = 0; b < GS / P; ++b) {
+      const __m512i w = _mm512_loadu_si512(codes + (g * GS / P + b) * kRows * 4);
+      const float* xb = x + g * GS + b * P;
+      // (shifted & mantissa) | one: ternary logic 0xEA; f = 1 + q / F
 #define STEP(n, dir, bits)                                                                          \
   acc[n % 4] = _mm512_fmadd_ps(                                                                     \
       _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_##dir##_epi32(w, bits), mantissa, one, 0xEA)), \
       _mm512_set1_ps(xb[n]), acc[n % 4]);
-      NIBBLE_SHIFTS(STEP)
+      if constexpr (BITS == 4) {
+        SHIFTS_4(STEP)
+      } else {
+        SHIFTS_8(STEP)
+      }
 #undef STEP
     }
     const S* h = sm + g * 2 * kRows;
-    const __m512 s16 = _mm512_mul_ps(load16(h), _mm512_set1_ps(16.0f));
+    const __m512 s16 = _mm512_mul_ps(load16(h), F);
     const __m512 m = _mm512_sub_ps(load16(h + kRows), s16);
     out = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])), s16, out);
     out = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[g]), out);
@@ -87,27 +106,33 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
   _mm512_storeu_ps(y, out);
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   // the tile as two halves of 8 rows
-  const __m256i mantissa = _mm256_set1_epi32(kMantissa), one = _mm256_set1_epi32(kOne);
+  constexpr int P = Codes<BITS>::P;
+  const __m256i mantissa = _mm256_set1_epi32(Codes<BITS>::kMantissa), one = _mm256_set1_epi32(kOne);
+  const __m256 F = _mm256_set1_ps(static_cast<float>(1 << BITS));
   __m256 out[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < groups; ++g) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < GS / kBlock; ++b) {
-      const uint8_t* c = codes + (g * GS / kBlock + b) * kRows * 4;
-      const float* xb = x + g * GS + b * kBlock;
+    for (int b = 0; b < GS / P; ++b) {
+      const uint8_t* c = codes + (g * GS / P + b) * kRows * 4;
+      const float* xb = x + g * GS + b * P;
       for (int half = 0; half < 2; ++half) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + half * 32));
 #define STEP(n, dir, bits)                                                                                   \
   acc[2 * half + n % 2] = _mm256_fmadd_ps(                                                                   \
       _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(_mm256_##dir##_epi32(w, bits), mantissa), one)), \
       _mm256_set1_ps(xb[n]), acc[2 * half + n % 2]);
-        NIBBLE_SHIFTS(STEP)
+        if constexpr (BITS == 4) {
+          SHIFTS_4(STEP)
+        } else {
+          SHIFTS_8(STEP)
+        }
 #undef STEP
       }
     }
     const S* h = sm + g * 2 * kRows;
     const __m256 xs = _mm256_set1_ps(xsum[g]);
     for (int half = 0; half < 2; ++half) {
-      const __m256 s16 = _mm256_mul_ps(load8(h + 8 * half), _mm256_set1_ps(16.0f));
+      const __m256 s16 = _mm256_mul_ps(load8(h + 8 * half), F);
       const __m256 m = _mm256_sub_ps(load8(h + kRows + 8 * half), s16);
       out[half] = _mm256_fmadd_ps(_mm256_add_ps(acc[2 * half], acc[2 * half + 1]), s16, out[half]);
       out[half] = _mm256_fmadd_ps(m, xs, out[half]);
@@ -118,14 +143,15 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
 #else
   float out[kRows] = {0};
   for (int64_t g = 0; g < groups; ++g) {
+    constexpr int P = Codes<BITS>::P;
     float acc[kRows] = {0};
-    for (int b = 0; b < GS / kBlock; ++b) {
-      const uint8_t* c = codes + (g * GS / kBlock + b) * kRows * 4;
-      const float* xb = x + g * GS + b * kBlock;
+    for (int b = 0; b < GS / P; ++b) {
+      const uint8_t* c = codes + (g * GS / P + b) * kRows * 4;
+      const float* xb = x + g * GS + b * P;
       for (int64_t l = 0; l < kRows; ++l) {
         uint32_t w;
         std::memcpy(&w, c + 4 * l, 4);
-        for (int n = 0; n < kBlock; ++n) acc[l] += static_cast<float>((w >> (4 * n)) & 15) * xb[n];
+        for (int n = 0; n < P; ++n) acc[l] += static_cast<float>((w >> (BITS * n)) & ((1u << BITS) - 1)) * xb[n];
       }
     }
     const S* h = sm + g * 2 * kRows;
@@ -136,43 +162,47 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
 #endif
 }
 
-void check_layout(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize) {
-  TORCH_CHECK(groupsize == 32 || groupsize == 64 || groupsize == 128, "int4_matmul: groups of 32, 64 or 128 inputs");
+void check_layout(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "lowbit_matmul: codes of 4 or 8 bits");
+  TORCH_CHECK(groupsize == 32 || groupsize == 64 || groupsize == 128, "lowbit_matmul: groups of 32, 64 or 128 inputs");
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kRows * 4 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
-              "int4_matmul: codes must be contiguous uint8 (N/16, K/8, 64)");
-  const int64_t K = codes.size(1) * kBlock;
-  TORCH_CHECK(K % groupsize == 0, "int4_matmul: the inputs must be whole groups");
+              "lowbit_matmul: codes must be contiguous uint8 (N/16, K/P, 64)");
+  const int64_t K = codes.size(1) * (32 / bits);
+  TORCH_CHECK(K % groupsize == 0, "lowbit_matmul: the inputs must be whole groups");
   TORCH_CHECK(sm.dim() == 4 && sm.size(0) == codes.size(0) && sm.size(1) == K / groupsize && sm.size(2) == 2 &&
               sm.size(3) == kRows && (sm.scalar_type() == at::kHalf || sm.scalar_type() == at::kFloat) &&
-              sm.is_contiguous(), "int4_matmul: scales and offsets must be contiguous float16 or float32 "
+              sm.is_contiguous(), "lowbit_matmul: scales and offsets must be contiguous float16 or float32 "
               "(N/16, K/groupsize, 2, 16)");
 }
 
-template <typename S>
+template <int BITS, typename S>
 void matmul_rows(const at::Tensor& xf, const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize,
                  const std::vector<float>& xsum, at::Tensor& y) {
-  const int64_t tiles = codes.size(0), K = codes.size(1) * kBlock, N = tiles * kRows, G = K / groupsize, M = xf.size(0);
+  const int64_t tiles = codes.size(0), K = xf.size(1), N = tiles * kRows, G = K / groupsize, M = xf.size(0);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const S* sp = sm.data_ptr<S>();
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto product = groupsize == 32 ? tile_product<32, S> : groupsize == 64 ? tile_product<64, S> : tile_product<128, S>;
+  auto product = groupsize == 32 ? tile_product<BITS, 32, S> : groupsize == 64 ? tile_product<BITS, 64, S>
+                                                                               : tile_product<BITS, 128, S>;
+  const int64_t tile_bytes = K * BITS * kRows / 8;
   // tiles spread over the threads; 4 tiles a task keeps the tasks many and the scheduling cheap
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     float out[kRows];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = 0; i < M; ++i) {
-        product(cp + t * (K / 2) * kRows, sp + t * G * 2 * kRows, xp + i * K, xsum.data() + i * G, out, G);
+        product(cp + t * tile_bytes, sp + t * G * 2 * kRows, xp + i * K, xsum.data() + i * G, out, G);
         for (int64_t l = 0; l < kRows; ++l) yp[i * N + t * kRows + l] = out[l];
       }
     }
   });
 }
 
-at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize) {
-  check_layout(codes, sm, groupsize);
-  const int64_t K = codes.size(1) * kBlock, N = codes.size(0) * kRows, G = K / groupsize;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_matmul: x must be (M, K)");
+at::Tensor lowbit_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize,
+                         int64_t bits) {
+  check_layout(codes, sm, groupsize, bits);
+  const int64_t K = codes.size(1) * (32 / bits), N = codes.size(0) * kRows, G = K / groupsize;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "lowbit_matmul: x must be (M, K)");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());
@@ -181,18 +211,21 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
   const float* xp = xf.data_ptr<float>();
   for (int64_t i = 0; i < M * G; ++i)
     for (int64_t k = 0; k < groupsize; ++k) xsum[i] += xp[i * groupsize + k];
-  if (sm.scalar_type() == at::kHalf)
-    matmul_rows<at::Half>(xf, codes, sm, groupsize, xsum, y);
+  const bool half = sm.scalar_type() == at::kHalf;
+  if (bits == 4)
+    half ? matmul_rows<4, at::Half>(xf, codes, sm, groupsize, xsum, y) : matmul_rows<4, float>(xf, codes, sm, groupsize, xsum, y);
   else
-    matmul_rows<float>(xf, codes, sm, groupsize, xsum, y);
+    half ? matmul_rows<8, at::Half>(xf, codes, sm, groupsize, xsum, y) : matmul_rows<8, float>(xf, codes, sm, groupsize, xsum, y);
   return y;
 }
 
 // the weight transposed, (K, N): a tile's 16 rows are 16 adjacent floats of each input's row, so
 // the loops below are plain vector loads and stores (the caller multiplies x @ w)
 template <typename S>
-void dequantize_tiles(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize, at::Tensor& w) {
-  const int64_t tiles = codes.size(0), K = codes.size(1) * kBlock, N = tiles * kRows, G = K / groupsize;
+void dequantize_tiles(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize, int bits, at::Tensor& w) {
+  const int P = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1;
+  const int64_t tiles = codes.size(0), K = codes.size(1) * P, N = tiles * kRows, G = K / groupsize;
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const S* sp = sm.data_ptr<S>();
   float* wp = w.data_ptr<float>();
@@ -206,35 +239,35 @@ void dequantize_tiles(const at::Tensor& codes, const at::Tensor& sm, int64_t gro
           s[l] = static_cast<float>(h[l]);
           m[l] = static_cast<float>(h[kRows + l]);
         }
-        for (int64_t b = g * groupsize / kBlock; b < (g + 1) * groupsize / kBlock; ++b) {
-          std::memcpy(words, cp + (t * (K / kBlock) + b) * kRows * 4, sizeof(words));
-          for (int n = 0; n < kBlock; ++n) {
-            float* row = wp + (b * kBlock + n) * N + t * kRows;
-            for (int64_t l = 0; l < kRows; ++l) row[l] = static_cast<float>((words[l] >> (4 * n)) & 15) * s[l] + m[l];
+        for (int64_t b = g * groupsize / P; b < (g + 1) * groupsize / P; ++b) {
+          std::memcpy(words, cp + (t * (K / P) + b) * kRows * 4, sizeof(words));
+          for (int n = 0; n < P; ++n) {
+            float* row = wp + (b * P + n) * N + t * kRows;
+            for (int64_t l = 0; l < kRows; ++l) row[l] = static_cast<float>((words[l] >> (bits * n)) & mask) * s[l] + m[l];
           }
         }
       }
   });
 }
 
-at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize) {
-  check_layout(codes, sm, groupsize);
-  at::Tensor w = at::empty({codes.size(1) * kBlock, codes.size(0) * kRows}, codes.options().dtype(at::kFloat));
+at::Tensor lowbit_dequantize(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize, int64_t bits) {
+  check_layout(codes, sm, groupsize, bits);
+  at::Tensor w = at::empty({codes.size(1) * (32 / bits), codes.size(0) * kRows}, codes.options().dtype(at::kFloat));
   if (sm.scalar_type() == at::kHalf)
-    dequantize_tiles<at::Half>(codes, sm, groupsize, w);
+    dequantize_tiles<at::Half>(codes, sm, groupsize, bits, w);
   else
-    dequantize_tiles<float>(codes, sm, groupsize, w);
+    dequantize_tiles<float>(codes, sm, groupsize, bits, w);
   return w;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(LIT_LLAMA_OPS, m) {
-  m.def("int4_matmul(Tensor x, Tensor codes, Tensor sm, int groupsize) -> Tensor");
-  m.def("int4_dequantize(Tensor codes, Tensor sm, int groupsize) -> Tensor");  // (K, N)
+  m.def("lowbit_matmul(Tensor x, Tensor codes, Tensor sm, int groupsize, int bits) -> Tensor");
+  m.def("lowbit_dequantize(Tensor codes, Tensor sm, int groupsize, int bits) -> Tensor");  // (K, N)
 }
 
 TORCH_LIBRARY_IMPL(LIT_LLAMA_OPS, CPU, m) {
-  m.impl("int4_matmul", &int4_matmul);
-  m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("lowbit_matmul", &lowbit_matmul);
+  m.impl("lowbit_dequantize", &lowbit_dequantize);
 }
