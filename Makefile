@@ -31,7 +31,7 @@ generate: model
 	$(BIN)/python generate.py --prompt "What is the capital of France?" --chat true --temperature 0
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest tests -q --reruns 1  # one retry for timing-sensitive subprocess tests
+	$(BIN)/python -m pytest tests -q --reruns 1 --durations=15  # one retry for timing-sensitive subprocess tests
 
 # the core correctness tests (the model, converters, checkpoints, generation, LoRA/adapters, templates
 # against transformers, sentencepiece and the papers' formulas) in a few minutes; `make test` is the whole suite
