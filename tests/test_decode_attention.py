@@ -122,14 +122,44 @@ def test_compiled_step_recompiles_for_a_new_cache_size():
             assert fast.transformer.h[0].attn.kv_cache.k.size(2) == length
 
 
-def test_guard_filter_keeps_tensor_checks_and_drops_module_ones():
+def test_compiled_steps_each_serve_their_own_model():
+    """Two models of one config, one float and one int8 (other layers, other tensors): each compiled
+    step, used in turn, gives its own model's logits (each step holds its own graphs), and a step
+    given the other model compiles again rather than running its graph."""
+    from lit_llama.quant.weight_only import quantize_weight_only
+
+    plain = decode_layout(tiny(), compiled=True)
+    int8 = decode_layout(quantize_weight_only(tiny(), "int8"), compiled=True)
+    steps = {id(m): compile_decode_step(torch.device("cpu")) for m in (plain, int8)}
+    with torch.inference_mode():
+        for m in (plain, int8):
+            m.set_kv_cache(1, 64)
+            m(torch.tensor([[5, 17, 3]]), torch.arange(3))
+        for i in range(3, 6):
+            x, pos = torch.tensor([[i]]), torch.tensor([i])
+            for m in (plain, int8, plain):
+                torch.testing.assert_close(steps[id(m)](m, x, pos), decode_step(m, x, pos), rtol=1e-4, atol=1e-4)
+        # a step given the other model: the guards on its first block and head compile it again
+        x, pos = torch.tensor([[7]]), torch.tensor([6])
+        torch.testing.assert_close(steps[id(plain)](int8, x, pos), decode_step(int8, x, pos), rtol=1e-4, atol=1e-4)
+
+
+def test_guard_filter_keeps_the_cache_and_drops_the_module_tree():
     class Guard:
         def __init__(self, name, guard_type):
             self.name, self.guard_type = name, guard_type
 
-    guards = [Guard("x", "TENSOR_MATCH"), Guard("G['torch']", "MODULE_MATCH"), Guard("", "GRAD_MODE"),
-              Guard("model._modules['h']._modules['0']._buffers['k']", "TENSOR_MATCH"),
-              Guard("model.config.n_head", "EQUALS_MATCH"),
-              Guard("model._forward_hooks", "EMPTY_NN_MODULE_HOOKS_DICT"),
-              Guard("model._modules['h']", "TYPE_MATCH")]
-    assert _decode_guards(guards) == [True, True, True, True, True, False, False]
+    block = "model._modules['transformer']._modules['h']._modules['{}']._modules"
+    guards = {  # guard: kept
+        Guard("x", "TENSOR_MATCH"): True, Guard("G['torch']", "MODULE_MATCH"): True, Guard("", "GRAD_MODE"): True,
+        Guard(block.format(3) + "['attn']._modules['kv_cache']._buffers['k']", "TENSOR_MATCH"): True,
+        Guard(block.format(0) + "['mlp']._modules['c_fc1']._buffers['qweight']", "TENSOR_MATCH"): True,
+        Guard("model._modules['lm_head']._parameters['weight']", "TENSOR_MATCH"): True,
+        Guard("model.config.n_head", "EQUALS_MATCH"): True,
+        Guard(block.format(3) + "['mlp']._modules['c_fc1']._buffers['qweight']", "TENSOR_MATCH"): False,
+        Guard(block.format(10) + "['mlp']._modules['c_fc1']._buffers['qweight']", "TENSOR_MATCH"): False,
+        Guard(block.format(0) + "['mlp']._modules['c_fc1'].groupsize", "EQUALS_MATCH"): False,
+        Guard("model._forward_hooks", "EMPTY_NN_MODULE_HOOKS_DICT"): False,
+        Guard("model._modules['h']", "TYPE_MATCH"): False,
+    }
+    assert _decode_guards(list(guards)) == list(guards.values())

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "lit_llama"
 SCRIPT_DIRS = ("scripts", "finetune", "generate", "pretrain", "quantize", "evaluate", "benchmarks")
 
 # the order data flows: a module may import its own subpackage and the ranks below its own
-RANKS = {"utils": 0, "templates": 1, "tokenizer": 2, "model": 3, "io": 4, "data": 5, "quant": 6, "peft": 7,
+RANKS = {"utils": 0, "cpu_kernels": 0, "templates": 1, "tokenizer": 2, "model": 3, "io": 4, "data": 5, "quant": 6, "peft": 7,
          "infer": 8, "eval": 9, "train": 9, "align": 10, "serve": 10, "api": 11, "__init__": 12, "__main__": 12}
 # imports that stay inside a function, each for an optional dependency that the target imports at its top
 INNER_ALLOWED = {

@@ -61,6 +61,13 @@ struct Codes<8> {
   static constexpr uint32_t kMantissa = 0x007F8000u;
 #define SHIFTS_8(F) F(0, slli, 15) F(1, slli, 7) F(2, srli, 1) F(3, srli, 9)
 };
+// F(n, direction, bits) for each code n of a word of a BITS-bit layout
+#define EACH_CODE(F)      \
+  if constexpr (BITS == 4) { \
+    SHIFTS_4(F)           \
+  } else {                \
+    SHIFTS_8(F)           \
+  }
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -90,11 +97,7 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
   acc[n % 4] = _mm512_fmadd_ps(                                                                     \
       _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_##dir##_epi32(w, bits), mantissa, one, 0xEA)), \
       _mm512_set1_ps(xb[n]), acc[n % 4]);
-      if constexpr (BITS == 4) {
-        SHIFTS_4(STEP)
-      } else {
-        SHIFTS_8(STEP)
-      }
+      EACH_CODE(STEP)
 #undef STEP
     }
     const S* h = sm + g * 2 * kRows;
@@ -121,11 +124,7 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
   acc[2 * half + n % 2] = _mm256_fmadd_ps(                                                                   \
       _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(_mm256_##dir##_epi32(w, bits), mantissa), one)), \
       _mm256_set1_ps(xb[n]), acc[2 * half + n % 2]);
-        if constexpr (BITS == 4) {
-          SHIFTS_4(STEP)
-        } else {
-          SHIFTS_8(STEP)
-        }
+        EACH_CODE(STEP)
 #undef STEP
       }
     }

@@ -23,6 +23,10 @@ each product (fused into it in a compiled step).
 The output head is quantized too (it is a fifth of a small model's weights); at int4 it stays at
 int8, as llama.cpp keeps its output tensor at more bits than the blocks. A tied embedding looks up
 the head's own int8 rows: a lookup dequantizes only the rows it reads.
+
+Why one file: the quantizers, the layers that multiply their codes and the model-wide replacement
+(GGUF's kept tensors included) share one format of codes, scales and offsets; split, each part
+would restate it.
 """
 
 import functools
