@@ -389,13 +389,18 @@ def int8_head(w: torch.Tensor, device, dtype: torch.dtype) -> nn.Linear:
 def int8_layer(rows: Int8Linear, dtype: torch.dtype) -> nn.Linear:
     """The same int8 weights on the CPU kernel (a LowBitLinear of 8 bits, the row's scale in every
     group), where it is built and the shape fits its tiles; else `rows` itself."""
-    groups = [g for g in INT4_GROUPS if rows.in_features % g == 0]
-    if not (groups and rows.out_features % INT4_ROWS == 0 and rows.qweight.device.type == "cpu"
-            and cpu_kernels.available()):
+    g = max([g for g in INT4_GROUPS if rows.in_features % g == 0], default=0)
+    if not on_kernel(rows.out_features, g, rows.qweight.device):
         return rows
-    g = max(groups)
     scales = rows.scales.float()[:, None].expand(-1, rows.in_features // g).contiguous()
     return LowBitLinear.from_int8_codes(rows.qweight, scales, torch.zeros_like(scales), g, dtype)
+
+
+def on_kernel(out_features: int, groupsize: int, device) -> bool:
+    """Whether the CPU kernel takes a layer of `out_features` rows in groups of `groupsize` on `device`
+    (where it is not, 8-bit codes stay an Int8Linear)."""
+    return (groupsize in INT4_GROUPS and out_features % INT4_ROWS == 0 and torch.device(device).type == "cpu"
+            and cpu_kernels.available())
 
 
 def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
@@ -426,7 +431,7 @@ def kept_layer(rows: QuantizedRows, device, dtype: torch.dtype) -> nn.Linear:
     if rows.groupsize in INT4_GROUPS and q.size(0) % INT4_ROWS == 0:
         if rows.bits == 4:
             return LowBitLinear(q, s, z + 8 * s, rows.groupsize, dtype)
-        if q.device.type == "cpu" and cpu_kernels.available():
+        if on_kernel(q.size(0), rows.groupsize, q.device):
             return LowBitLinear.from_int8_codes(q, s, z, rows.groupsize, dtype)
     return Int8Linear(q.to(torch.int8), s, dtype, zeros=z, groupsize=rows.groupsize)
 
