@@ -20,10 +20,10 @@ from gguf import GGMLQuantizationType as QT
 
 from conftest import run_script, top1_agreement
 from lit_llama.infer.load import load_for_inference
-from lit_llama.io.checkpoint import CheckpointError, load_model, load_state_dict, read_quantization
+from lit_llama.io.checkpoint import CheckpointError, QuantizedRows, load_model, load_state_dict, read_quantization
 from lit_llama.io.gguf import KEPT_TYPES, convert_gguf_checkpoint, quantized_rows
 from lit_llama.quant import weight_only
-from lit_llama.quant.weight_only import LowBitLinear, Int8Embedding, Int8Linear
+from lit_llama.quant.weight_only import LowBitLinear, Int8Embedding
 from lit_llama.utils import UserError
 from test_convert_gguf import add_llama_metadata, halves_to_interleaved, spm_model  # noqa: F401 (a fixture)
 
@@ -201,9 +201,10 @@ def test_entry_and_size(converted, case):
     assert ("lm_head" in layers) is not tied
     assert layers["transformer.h.0.mlp.c_fc2"]["type"] == kinds["ffn_up"]
     sd = load_state_dict(kept)
-    # no float copy of any matrix: the 2-D float tensors are the groups' scales and offsets
-    floats = {k for k, t in sd.items() if t.is_floating_point() and t.dim() == 2}
-    assert floats and all(k.endswith((".scales", ".zeros")) for k in floats), floats
+    # no float copy of any matrix: the float tensors of more than one dimension are the groups'
+    # scales and offsets, in the kernel's layout
+    floats = {k for k, t in sd.items() if t.is_floating_point() and t.dim() > 1}
+    assert floats and all(k.endswith(".sm") for k in floats), floats
     # about the GGUF's size where the codes are 4-bit (vocabulary padding adds a little); 5- and 6-bit
     # codes, and q, k and v of different types stacked, are held in 8 bits (with float32 scales where
     # the K-quants' products of two scales are not float16): up to 1.7x. The float checkpoint: >3x
@@ -225,7 +226,7 @@ def test_kept_model_equals_the_dequantized_checkpoint(converted, case, kernels):
     _, ref, _ = load_for_inference(dequantized)
     ours, ref = ours.module if hasattr(ours, "module") else ours, ref.module if hasattr(ref, "module") else ref
     kinds = {type(m) for m in float_layers(ours).values()}
-    assert kinds <= {LowBitLinear, Int8Linear} and LowBitLinear in kinds, kinds
+    assert kinds == {LowBitLinear}, kinds  # every kept type on the kernel, Q6_K's groups of 16 included
     assert isinstance(ours.transformer.wte, Int8Embedding)
     # every layer's weight (read back through its kernel) is the dequantized checkpoint's
     theirs = float_layers(ref)
@@ -243,13 +244,14 @@ def test_kept_model_equals_the_dequantized_checkpoint(converted, case, kernels):
     assert decided and agreement > 0.9
 
 
-def test_split_int8_layer_is_the_8_bit_weight(kernels):
-    """8-bit codes held as two 4-bit halves (LowBitLinear.from_int8_codes) multiply as the 8-bit weight."""
+@pytest.mark.parametrize("groupsize", [16, 32])
+def test_int8_rows_layer_is_the_8_bit_weight(kernels, groupsize):
+    """Signed 8-bit codes with a scale and offset per group (Q8_0, and Q6_K's groups of 16) multiply as the 8-bit weight."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-128, 128, (48, 128), generator=g)
-    s, z = torch.rand(48, 4, generator=g) * 1e-2, torch.randn(48, 4, generator=g) * 1e-2
-    want = (q.view(48, 4, 32) * s[..., None] + z[..., None]).view(48, 128)
-    layer = LowBitLinear.from_int8_codes(q, s, z, 32, torch.float32)
+    s, z = torch.rand(48, 128 // groupsize, generator=g) * 1e-2, torch.randn(48, 128 // groupsize, generator=g) * 1e-2
+    want = (q.view(48, -1, groupsize) * s[..., None] + z[..., None]).view(48, 128)
+    layer = weight_only.lowbit_layer(QuantizedRows(q, s, z, groupsize, 8, "t"), "cpu", torch.float32)
     assert_same_weights(layer.weight, want, "split")
     x = torch.randn(3, 128, generator=g)
     assert_same_product(layer(x), x, want)

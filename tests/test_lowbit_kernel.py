@@ -1,7 +1,8 @@
 """The CPU low-bit kernel (lit_llama/csrc/lowbit_matmul.cpp) against the formula w = q s + m written
 out here in torch: its AVX-512 code, and the same source built again for AVX2 alone and for no
 vector instructions (each a separate operator namespace), 4- and 8-bit codes, products of 1 to 5
-rows and the dequantized weight, float16 and float32 scales, groups of 32, 64 and 128; and the
+rows and the dequantized weight, float16 and float32 scales, groups of 16 (GGUF's Q6_K), 32, 64 and
+128; the layout's rows padded to whole tiles and read back (untile); and the
 layer's row lookups (a tied embedding's) from the kernel's layout."""
 
 from pathlib import Path
@@ -39,7 +40,7 @@ def case(out, cols, groupsize, bits, seed, exact_half=True):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("groupsize", [32, 64, 128])
+@pytest.mark.parametrize("groupsize", [16, 32, 64, 128])
 @pytest.mark.parametrize("exact_half", [True, False], ids=["float16", "float32"])
 def test_products_and_weight_are_the_formula(ops, bits, groupsize, exact_half):
     q, s, m, w = case(48, 384, groupsize, bits, seed=groupsize + bits, exact_half=exact_half)
@@ -82,7 +83,7 @@ def test_a_wrong_layout_is_one_error():
     q, s, m, _ = case(16, 64, 32, 4, seed=4)
     codes, sm = lowbit_tiles(q, s, m, 4)
     matmul = torch.ops.lit_llama.lowbit_matmul
-    with pytest.raises(RuntimeError, match="groups of 32, 64 or 128"):
+    with pytest.raises(RuntimeError, match="groups of 16, 32, 64 or 128"):
         matmul(torch.randn(1, 64), codes, sm, 48, 4)
     with pytest.raises(RuntimeError, match="codes of 4 or 8 bits"):
         matmul(torch.randn(1, 64), codes, sm, 32, 3)
@@ -109,3 +110,20 @@ def test_row_lookups_are_the_weight_rows(bits, kernel, monkeypatch):
     torch.testing.assert_close(layer.weight, w, rtol=1e-6, atol=1e-6)
     idx = torch.tensor([[0, 17, 63], [31, 16, 5]])
     torch.testing.assert_close(layer.rows(idx, torch.float32), w[idx], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_padded_to_whole_tiles_and_read_back(bits):
+    """40 rows fill three tiles, the last one padded: the layer's product and weight have 40 rows,
+    and untile gives back the codes, scales and offsets."""
+    from lit_llama.io.checkpoint import untile
+
+    q, s, m, w = case(40, 128, 32, bits, seed=7)
+    codes, sm = lowbit_tiles(q, s, m, bits)
+    assert codes.shape[0] == 3 and sm.shape[0] == 3
+    got_q, got_s, got_m = untile(codes, sm, bits, 40)
+    assert torch.equal(got_q.long(), q) and torch.equal(got_s, s) and torch.equal(got_m, m)
+    layer = LowBitLinear.from_tiles(codes, sm, 32, bits, 40, torch.float32)
+    torch.testing.assert_close(layer.weight, w, rtol=1e-6, atol=1e-7)
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-4)

@@ -6,7 +6,8 @@
 // reading them: float32 activations, one fused multiply-add per weight, the group's scale and
 // offset applied once per group.
 //
-// Layout, for N outputs (rows of W, a multiple of 16) and K inputs, groups of GS inputs (32, 64, 128),
+// Layout, for N outputs (rows of W, a multiple of 16) and K inputs, groups of GS inputs (16, 32, 64,
+// 128; 16 is GGUF's Q6_K, whose head most 4-bit files keep),
 // BITS = 4 or 8 bits a code (unsigned: 0..15 or 0..255), P = 32 / BITS codes a 32-bit word:
 //   codes (N/16, K/P, 64) uint8: a tile of 16 rows; for each block of P inputs, 16 little-endian
 //         32-bit words, word l holding row 16t + l's P codes, input Pb + n in bits BITS n.. The 16
@@ -163,7 +164,8 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
 
 void check_layout(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "lowbit_matmul: codes of 4 or 8 bits");
-  TORCH_CHECK(groupsize == 32 || groupsize == 64 || groupsize == 128, "lowbit_matmul: groups of 32, 64 or 128 inputs");
+  TORCH_CHECK(groupsize == 16 || groupsize == 32 || groupsize == 64 || groupsize == 128,
+              "lowbit_matmul: groups of 16, 32, 64 or 128 inputs");
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kRows * 4 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
               "lowbit_matmul: codes must be contiguous uint8 (N/16, K/P, 64)");
   const int64_t K = codes.size(1) * (32 / bits);
@@ -182,8 +184,10 @@ void matmul_rows(const at::Tensor& xf, const at::Tensor& codes, const at::Tensor
   const S* sp = sm.data_ptr<S>();
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto product = groupsize == 32 ? tile_product<BITS, 32, S> : groupsize == 64 ? tile_product<BITS, 64, S>
-                                                                               : tile_product<BITS, 128, S>;
+  auto product = groupsize == 16   ? tile_product<BITS, 16, S>
+                 : groupsize == 32 ? tile_product<BITS, 32, S>
+                 : groupsize == 64 ? tile_product<BITS, 64, S>
+                                   : tile_product<BITS, 128, S>;
   const int64_t tile_bytes = K * BITS * kRows / 8;
   // tiles spread over the threads; 4 tiles a task keeps the tasks many and the scheduling cheap
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {

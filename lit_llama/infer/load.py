@@ -10,7 +10,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from lit_llama.infer.generation import decode_layout
-from lit_llama.io.checkpoint import (KEPT_METHOD, build_model, load_finetuned_weights, load_weights_file, read_checkpoint_config,
+from lit_llama.io.checkpoint import (LOWBIT_METHODS, build_model, load_finetuned_weights, load_weights_file, read_checkpoint_config,
                                      read_quantization, validate_checkpoint_dir)
 from lit_llama.peft.adapter import ADAPTER_FILE, load_adapter
 from lit_llama.peft.adapter_v2 import ADAPTER_V2_FILE, load_adapter_v2
@@ -18,7 +18,7 @@ from lit_llama.peft.lora import load_lora
 from lit_llama.quant.bnb import quantize_linears
 from lit_llama.quant.packed import build_packed_model
 from lit_llama.quant.quantization import check_quantize_mode
-from lit_llama.quant.weight_only import (MODES as WEIGHT_ONLY_MODES, build_kept_model, quantize_weight_only,
+from lit_llama.quant.weight_only import (MODES as WEIGHT_ONLY_MODES, build_lowbit_model, quantize_weight_only,
                                         use_int4_kernels)
 from lit_llama.templates import ChatFormat, choose_template
 from lit_llama.tokenizer import Tokenizer
@@ -134,8 +134,8 @@ def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wr
     validate_checkpoint_dir(checkpoint_dir)
     config, quantization = read_checkpoint_config(checkpoint_dir)
     check_quantize_mode(checkpoint_dir, quantize, quantization)
-    if quantization is not None and quantization.get("method") == KEPT_METHOD:
-        model = build_kept_model(checkpoint_dir, config, quantization, fabric.device, _weight_dtype(precision))
+    if quantization is not None and quantization.get("method") in LOWBIT_METHODS:
+        model = build_lowbit_model(checkpoint_dir, config, quantization, fabric.device, _weight_dtype(precision))
     elif quantization is not None:
         model = build_packed_model(checkpoint_dir, config, quantization, _weight_dtype(precision))
     else:

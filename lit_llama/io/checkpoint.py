@@ -26,10 +26,13 @@ CONFIG_FILE = "lit_config.json"
 # the lit_config.json entry of a packed checkpoint: bits, groupsize, act_order, method, and optional
 # head (bits, groupsize, act_order), layers ({name: {bits}}), calibration (where the text came from)
 QUANTIZATION_KEY = "quantization"
-# the method of a checkpoint whose integers were kept from a GGUF file (scripts/convert_gguf_checkpoint.py
-# --keep_quantized): its entry's `layers` maps each integer layer to {bits, groupsize, type}, and the
-# layer's tensors are `qweight`, `scales` and `zeros` (quantized_rows_tensors)
+# the methods of a checkpoint of integer layers in the low-bit layout: integers kept from a GGUF file
+# (scripts/convert_gguf_checkpoint.py --keep_quantized) or quantized by quantize/weight_only.py. The
+# entry's `layers` maps each integer layer to {bits, groupsize, type, shape} (tile_entry), and the
+# layer's tensors are `codes` and `sm` (tile_tensors); inference loads them without --quantize
 KEPT_METHOD = "gguf"
+WEIGHT_ONLY_METHOD = "weight_only"
+LOWBIT_METHODS = (KEPT_METHOD, WEIGHT_ONLY_METHOD)
 WEIGHTS_FILE = "lit_model.safetensors"
 INDEX_FILE = "lit_model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -131,32 +134,73 @@ class QuantizedRows:
                        groupsize=groupsize, bits=8)
 
 
-def quantized_rows_tensors(w: QuantizedRows) -> Dict[str, torch.Tensor]:
-    """How a checkpoint stores a QuantizedRows layer: `qweight` int8 codes, or at 4 bits two codes a
-    byte, low nibble first (the layout of lit_llama.quant.packed.pack_int); `scales` and `zeros`
-    in float16 where that is exact (GGUF's own scales are float16), else float32."""
-    q = w.q.to(torch.int32)
-    if w.bits == 4:
-        q = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-    else:
-        q = q.to(torch.int8)
-    narrow = lambda t: t.half() if torch.equal(t.half().float(), t) else t.float()
-    return {"qweight": q, "scales": narrow(w.scales), "zeros": narrow(w.zeros)}
+TILE_ROWS = 16  # rows per tile of the low-bit layout: the lanes of an AVX-512 float register
 
 
-def read_quantized_rows(state_dict: Dict[str, torch.Tensor], layer: str, info: dict,
-                        where: Path) -> QuantizedRows:
-    """The QuantizedRows that quantized_rows_tensors stored under `layer` with entry `info`."""
+def lowbit_tiles(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The low-bit layout, which the CPU kernel (lit_llama/csrc/lowbit_matmul.cpp) reads and a
+    checkpoint stores, of unsigned `bits`-bit codes q (out, in) with per-group scales and offsets
+    (out, groups), w = q s + m: codes (T, in/P, 64) uint8, T = out/16 tiles (the rows padded with
+    zeros to a multiple of 16), P = 32 / bits codes a word, for each tile and block of P inputs the
+    16 rows' little-endian 32-bit words side by side, input Pb + n in bits `bits` n..; and sm
+    (T, groups, 2, 16), each tile's scales then its offsets for each group, in float16 where that
+    holds them exactly (our quantizers', GGUF's Q4_0/Q4_1/Q8_0/Q5_x), else in float32 (K-quants'
+    products of two scales, GPTQ's offsets s * zero)."""
+    rows, cols = q.shape
+    pad = -rows % TILE_ROWS
+    if pad:  # zero rows: zero codes, scales and offsets are a zero weight
+        q, scales, mins = (torch.cat([t, t.new_zeros(pad, t.size(1))]) for t in (q, scales, mins))
+    tiles, per_byte = (rows + pad) // TILE_ROWS, 8 // bits
+    parts = q.to(torch.uint8).view(tiles, TILE_ROWS, cols // (4 * per_byte), 4, per_byte)
+    words = parts[..., 0] if per_byte == 1 else parts[..., 0] | (parts[..., 1] << 4)  # (tiles, 16, blocks, 4 bytes)
+    codes = words.permute(0, 2, 1, 3).reshape(tiles, -1, 4 * TILE_ROWS).contiguous()
+    sm = torch.stack((scales.float(), mins.float()), dim=1).view(tiles, TILE_ROWS, 2, -1)
+    sm = sm.permute(0, 3, 2, 1).contiguous()
+    return codes, sm.half() if torch.equal(sm.half().float(), sm) else sm
+
+
+def untile(codes: torch.Tensor, sm: torch.Tensor, bits: int, rows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of lowbit_tiles: (q uint8 (rows, in), scales float32 (rows, groups), mins)."""
+    tiles = codes.size(0)
+    words = codes.view(tiles, -1, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(tiles * TILE_ROWS, -1)  # bytes of each row
+    q = words if bits == 8 else torch.stack((words & 15, words >> 4), dim=-1).flatten(-2)
+    s, m = sm.float().permute(0, 3, 2, 1).reshape(tiles * TILE_ROWS, 2, -1).unbind(1)
+    return q[:rows], s[:rows], m[:rows]
+
+
+def tile_tensors(w: QuantizedRows) -> Dict[str, torch.Tensor]:
+    """How a checkpoint stores an integer layer: its low-bit layout (lowbit_tiles), `codes` and `sm`,
+    so that loading maps the file's pages and the kernel reads them in place."""
+    q, mins = w.q, w.zeros
+    if w.bits == 8:  # signed codes -> unsigned: w = (q + 128) s + (z - 128 s)
+        q, mins = q + 128, w.zeros - 128 * w.scales
+    codes, sm = lowbit_tiles(q, w.scales, mins, w.bits)
+    return {"codes": codes, "sm": sm}
+
+
+def tile_entry(w: QuantizedRows) -> dict:
+    """The quantization entry's record of a layer stored by tile_tensors."""
+    return {"bits": w.bits, "groupsize": w.groupsize, "type": w.qtype, "shape": list(w.shape)}
+
+
+def read_tiles(state_dict: Dict[str, torch.Tensor], layer: str, info: dict,
+               where: Path) -> Tuple[torch.Tensor, torch.Tensor, int, int, Tuple[int, int]]:
+    """(codes, sm, bits, groupsize, (out, in)) of a layer that tile_tensors stored under `layer`
+    with entry `info`, taken out of `state_dict` (as they are: memory-mapped)."""
+    if "shape" not in info and f"{layer}.qweight" in state_dict:
+        raise CheckpointError(f"{where} was written by an older lit_llama, which stored integer layers as rows: "
+                              "convert the GGUF file or quantize the model again")
     try:
-        bits, groupsize, qtype = int(info["bits"]), int(info["groupsize"]), str(info["type"])
-        q, scales, zeros = (state_dict.pop(f"{layer}.{k}") for k in ("qweight", "scales", "zeros"))
+        bits, groupsize, (rows, cols) = int(info["bits"]), int(info["groupsize"]), (int(d) for d in info["shape"])
+        codes, sm = state_dict.pop(f"{layer}.codes"), state_dict.pop(f"{layer}.sm")
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{where}: the integer layer {layer} is missing or its entry is corrupted")
-    if bits == 4:
-        q = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(q.size(0), -1)
-    if bits not in (4, 8) or q.size(1) != scales.size(1) * groupsize or scales.shape != zeros.shape:
+    tiles = -(-rows // TILE_ROWS)
+    if (bits not in (4, 8) or groupsize <= 0 or cols % groupsize or codes.dtype != torch.uint8
+            or tuple(codes.shape) != (tiles, cols * bits // 32, 4 * TILE_ROWS)
+            or tuple(sm.shape) != (tiles, cols // groupsize, 2, TILE_ROWS) or sm.dtype not in (torch.float16, torch.float32)):
         raise CheckpointError(f"{where}: the integer layer {layer} does not match its entry {info}")
-    return QuantizedRows(q.to(torch.int32), scales.float(), zeros.float(), groupsize, bits, qtype)
+    return codes, sm, bits, groupsize, (rows, cols)
 
 
 # ---------------------------------------------------------------- memory-mapped pages, given back once used
@@ -183,11 +227,17 @@ def release_mapped_pages(t: torch.Tensor) -> None:
     checkpoint) once it is no longer needed: they would otherwise count in the process's memory
     until the whole file is unmapped. Only whole pages inside the tensor are dropped (neighbours
     keep theirs), and only for a file mapping, which reads the data back from the file if it is
-    touched again; anything else (Linux only, CPU only) is left alone."""
-    if t.device.type != "cpu" or t.numel() == 0 or not sys.platform.startswith("linux"):
+    touched again; anything else (Linux only, CPU only) is left alone. `t` may be a numpy array
+    (a GGUF file's tensor, mapped by the gguf package)."""
+    if isinstance(t, torch.Tensor):
+        if t.device.type != "cpu":
+            return
+        start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    else:
+        start, nbytes = t.ctypes.data, t.nbytes
+    if nbytes == 0 or not sys.platform.startswith("linux"):
         return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
+    end = start + nbytes
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last <= first or not _file_backed(start):
@@ -207,34 +257,69 @@ def release_freed_heap() -> None:
 
 
 class ShardedWriter:
-    """Writes tensors one at a time into safetensors shards of at most `shard_bytes`, so peak memory
-    is one shard, not the whole model. Several shards get an index like Hugging Face's."""
+    """Writes tensors one at a time into safetensors shards of at most `shard_bytes`, each tensor's
+    bytes going to the file as it is added: peak memory is one tensor, whatever the model's size.
+    The header, known only when a shard is complete, goes into room reserved at the shard's start
+    (the format lets a header end in spaces). Several shards get an index like Hugging Face's."""
+
+    HEADER_ROOM = 1 << 20  # bytes reserved for a shard's header: ~6,000 tensors
 
     def __init__(self, out_dir: Path, shard_bytes: int = 4 << 30):
         self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.file = None
+        self.header: Dict[str, dict] = {}
+        self.header_len = 0  # the JSON length of the header's entries so far
+        self.offset = 0  # bytes of data in the open shard
         self.shards: List[List[str]] = []
+        self.names = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in s for s in self.shards):
+        if name in self.names:
             raise ValueError(f"tensor {name} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.detach().cpu().contiguous()
-        self.pending_bytes += nbytes
+        t = tensor.detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        entry = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [self.offset, self.offset + nbytes]}
+        # a new shard when this one is full, its header room is, or the tensor would start unaligned
+        # for its type (the format allows no gaps between tensors to pad with)
+        if self.file is None or (self.offset and (self.offset + nbytes > self.shard_bytes
+                                                  or self.offset % t.element_size()
+                                                  or self.header_len + 2 * len(name) + 200 > self.HEADER_ROOM)):
+            self._next_shard()
+            entry["data_offsets"] = [0, nbytes]
+        if nbytes:
+            self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.header[name] = entry
+        self.header_len += len(json.dumps({name: entry}))
+        self.offset += nbytes
+        self.names.add(name)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _next_shard(self) -> None:
+        self._finish_shard()
+        self.file = open(self.out_dir / f"shard-{len(self.shards):05d}.safetensors", "wb")
+        self.file.write(bytes(8 + self.HEADER_ROOM))  # filled in by _finish_shard
+        self.header, self.header_len, self.offset = {}, 100, 0  # 100: the metadata entry and braces
 
-        save_file(self.pending, str(self.out_dir / f"shard-{len(self.shards):05d}.safetensors"))
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def _finish_shard(self) -> None:
+        if self.file is None:
+            return
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}).encode()
+        header = header.ljust(-(-len(header) // 8) * 8, b" ")  # the data 8-byte aligned, as safetensors writes it
+        if self.offset < 16 * self.HEADER_ROOM:  # a small shard: written again without the spare room
+            self.file.close()
+            path = Path(self.file.name)
+            data = path.read_bytes()[8 + self.HEADER_ROOM:]
+            path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+        else:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", self.HEADER_ROOM) + header.ljust(self.HEADER_ROOM, b" "))
+            self.file.close()
+        self.shards.append(list(self.header))
+        self.file = None
 
     def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
+        if self.file is None and not self.shards:
+            self._next_shard()  # an empty model still gets its (empty) weights file
+        self._finish_shard()
         if len(self.shards) == 1:
             (self.out_dir / "shard-00000.safetensors").rename(self.out_dir / WEIGHTS_FILE)
             return
@@ -315,9 +400,16 @@ def read_quantization(checkpoint_dir: Path) -> Optional[dict]:
 
 def packed_mode(quantization: dict) -> Optional[str]:
     """The --quantize mode that loads a packed checkpoint (None: it loads without one)."""
-    if quantization.get("method") == KEPT_METHOD:
+    if quantization.get("method") in LOWBIT_METHODS:
         return None
     return f"gptq.int{quantization.get('bits')}"
+
+
+def describe_lowbit(quantization: dict) -> str:
+    """What a low-bit checkpoint holds, for messages."""
+    if quantization.get("method") == KEPT_METHOD:
+        return "a GGUF file's integers kept as they are (--keep_quantized)"
+    return f"weights quantized to {quantization.get('mode')} by quantize/weight_only.py"
 
 
 def load_state_dict(checkpoint_dir: Path) -> Dict[str, torch.Tensor]:
@@ -334,9 +426,9 @@ def load_model(checkpoint_dir: Path, config: Optional[Config] = None) -> LLaMA:
     `config` replaces the directory's own."""
     validate_checkpoint_dir(checkpoint_dir)
     own, quantization = read_checkpoint_config(checkpoint_dir)
-    if quantization is not None and quantization.get("method") == KEPT_METHOD:
-        raise CheckpointError(f"{checkpoint_dir} holds a GGUF file's integers kept as they are (--keep_quantized): "
-                              "the inference scripts load it; for a float model convert the GGUF without it")
+    if quantization is not None and quantization.get("method") in LOWBIT_METHODS:
+        raise CheckpointError(f"{checkpoint_dir} holds {describe_lowbit(quantization)}: the inference scripts load "
+                              "it; this needs the float model it was made from")
     if quantization is not None:
         # packed integer weights fit no float model: only lit_llama.quant.packed.load_packed_model reads them
         raise CheckpointError(f"{checkpoint_dir} holds {quantization.get('bits')}-bit weights packed by "

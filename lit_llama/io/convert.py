@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 
 from lit_llama.io.checkpoint import (KEPT_METHOD, QuantizedRows, ShardedWriter, copy_tokenizer_files, load_safetensors,
-                                     quantized_rows_tensors, torch_load, write_config)
+                                     tile_entry, tile_tensors, torch_load, write_config)
 from lit_llama.io.tiktoken_file import (LLAMA3_STOP, is_tiktoken_file, llama3_special_tokens, read_tiktoken_ranks,
                                        tokenizer_json)
 from lit_llama.model import ROPE_SCALING_KEYS, YARN_OPTIONAL_KEYS, Config, check_rope_scaling, llama3_scaling
@@ -164,9 +164,9 @@ def write_checkpoint(output_dir: Path, config: Config, tensors: Iterator[Tuple[s
         for name, tensor in tqdm(tensors, total=total, desc="converting", unit="tensor"):
             if isinstance(tensor, QuantizedRows):
                 layer = name.removesuffix(".weight")
-                for key, t in quantized_rows_tensors(tensor).items():
+                for key, t in tile_tensors(tensor).items():
                     writer.add(f"{layer}.{key}", t)
-                kept[layer] = {"bits": tensor.bits, "groupsize": tensor.groupsize, "type": tensor.qtype}
+                kept[layer] = tile_entry(tensor)
             else:
                 writer.add(name, tensor)
         writer.close()

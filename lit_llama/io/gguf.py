@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, Optional
 import numpy as np
 import torch
 
-from lit_llama.io.checkpoint import QuantizedRows
+from lit_llama.io.checkpoint import QuantizedRows, release_mapped_pages
 from lit_llama.io.convert import (ATTN_BIAS, MLP_BIAS, bias_name, lit_tensors, parse_dtype, record_template,
                                   write_checkpoint)
 from lit_llama.io.tiktoken_file import LLAMA3_PATTERN
@@ -307,10 +307,13 @@ def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[s
             raise UserError(f"{gguf_path} has no tensor {name!r}: incomplete or not a LLaMA model")
         t = tensors[name]
         if keep_quantized and t.tensor_type.name in KEPT_TYPES and len(t.shape) == 2:
-            return quantized_rows(t)
-        if keep_quantized and t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2:
-            floated.add(t.tensor_type.name)
-        return dequantize(t)
+            out = quantized_rows(t)
+        else:
+            if keep_quantized and t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) == 2:
+                floated.add(t.tensor_type.name)
+            out = dequantize(t)
+        release_mapped_pages(t.data)  # read once: the file's pages need not stay in this process's memory
+        return out
 
     tensors_out = lit_tensors(config, get, GGUF_NAMES, interleaved_rope=True,
                               dtype=parse_dtype(dtype) or default_dtype(tensors))

@@ -6,7 +6,9 @@ point whatever its format.
   gptq.int4, .int3     packed integer layers (lit_llama/quant/packed.py) from calibration data
                        (lit_llama/quant/gptq.py, quantize/gptq.py), loaded from their own checkpoint
   int8, int4[-gN]      weight-only integers quantized while loading (lit_llama/quant/weight_only.py),
-                       multiplied by torch's own int8/int4 kernels: the fast modes for inference
+                       or once by quantize/weight_only.py into a checkpoint that loads without
+                       --quantize; multiplied by lit_llama/csrc/lowbit_matmul.cpp on CPU: the fast
+                       modes for inference
 """
 
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from lit_llama.io.checkpoint import KEPT_METHOD, packed_mode
+from lit_llama.io.checkpoint import KEPT_METHOD, LOWBIT_METHODS, describe_lowbit, packed_mode
 from lit_llama.quant.bnb import dequantize_bnb_weight, import_bitsandbytes
 from lit_llama.quant.packed import PackedLinear
 from lit_llama.quant.weight_only import MODES as WEIGHT_ONLY_MODES, LowBitLinear, Int8Linear
@@ -31,10 +33,12 @@ def check_quantize_mode(checkpoint_dir: Path, mode: Optional[str], quantization:
     if mode is not None and mode not in INFERENCE_MODES:
         raise UserError(f"unknown --quantize {mode!r}; choose one of {', '.join(INFERENCE_MODES)}")
     entry = quantization
-    if entry is not None and entry.get("method") == KEPT_METHOD:
+    if entry is not None and entry.get("method") in LOWBIT_METHODS:
         if mode is not None:
-            raise UserError(f"{checkpoint_dir} holds a GGUF file's integers kept as they are: load it without "
-                            f"--quantize (for --quantize {mode}, convert the GGUF without --keep_quantized)")
+            source = ("convert the GGUF without --keep_quantized" if entry.get("method") == KEPT_METHOD
+                      else "give the float checkpoint it was made from")
+            raise UserError(f"{checkpoint_dir} is already quantized ({describe_lowbit(entry)}): load it without "
+                            f"--quantize (for --quantize {mode}, {source})")
         return
     if entry is None and mode == "llm.int8":
         import_bitsandbytes(mode)

@@ -24,6 +24,11 @@ The output head is quantized too (it is a fifth of a small model's weights); at 
 int8, as llama.cpp keeps its output tensor at more bits than the blocks. A tied embedding looks up
 the head's own int8 rows: a lookup dequantizes only the rows it reads.
 
+quantize/weight_only.py quantizes a checkpoint once (quantize_checkpoint), with the same quantizer:
+its integer layers are stored in the kernel's layout (lit_llama.io.checkpoint.lowbit_tiles), as
+are a GGUF file's integers kept by --keep_quantized, and build_lowbit_model makes the layers from
+the memory-mapped file's tensors as they are, so that a start copies nothing.
+
 Why one file: the quantizers, the layers that multiply their codes and the model-wide replacement
 (GGUF's kept tensors included) share one format of codes, scales and offsets; split, each part
 would restate it.
@@ -39,15 +44,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama import cpu_kernels
-from lit_llama.io.checkpoint import (CheckpointError, QuantizedRows, check_state_dict, load_state_dict,
-                                     read_quantized_rows, release_freed_heap, release_mapped_pages)
+from lit_llama.io.checkpoint import (TILE_ROWS, CheckpointError, QuantizedRows, check_state_dict, load_state_dict,
+                                     lowbit_tiles, read_tiles, release_freed_heap, release_mapped_pages, tile_tensors,
+                                     untile)
 from lit_llama.model import Config, LLaMA, linear
 from lit_llama.quant.packed import PackedLinear, add_bias, pack_int, unpack_int, unpermute_columns
 from lit_llama.utils import UserError
 
 MODES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 INT4_GROUPS = (32, 64, 128)
-INT4_ROWS = 16  # the CPU int4 kernel packs rows in tiles of 16
+KERNEL_GROUPS = (16, 32, 64, 128)  # the group sizes the CPU kernel takes (16: GGUF's Q6_K)
 # rows of activations up to which the CPU int4 kernel multiplies them one by one; more are multiplied by
 # the dequantized weight (on a 2-core Zen 4 the kernel is faster up to 8 rows in bfloat16, 16-32 in float32)
 KERNEL_ROWS = 16
@@ -102,34 +108,48 @@ def quantize_int4(w: torch.Tensor, groupsize: int) -> Tuple[torch.Tensor, torch.
     return q.reshape(rows, cols), scales, lo + 8 * scales
 
 
+def quantize_rows(w: torch.Tensor, bits: int, groupsize: Optional[int]) -> QuantizedRows:
+    """`w` quantized as --quantize does, as integer rows w = q * scale + offset: int8 per row
+    (quantize_int8; the row's scale repeated for each group of int8_groupsize inputs, the groups the
+    kernel's layout takes), int4 per group (quantize_int4). The form quantize/weight_only.py stores
+    and the layers at load are made from, so that both give the same weights."""
+    if bits == 8:
+        q, scales = quantize_int8(w)
+        g = int8_groupsize(w.size(1))
+        scales = scales[:, None].expand(-1, w.size(1) // g).contiguous()
+        return QuantizedRows(q.to(torch.int32), scales, torch.zeros_like(scales), g, 8, "int8")
+    q, scales, zeros = quantize_int4(w, groupsize)
+    return QuantizedRows(q, scales, zeros - 8 * scales, groupsize, 4, f"int4-g{groupsize}")
+
+
+def int8_groupsize(in_features: int) -> int:
+    """The groups an int8 layer's per-row scale is repeated over: the largest the kernel takes."""
+    return max([g for g in INT4_GROUPS if in_features % g == 0], default=in_features)
+
+
 def check_int4_shape(in_features: int, out_features: int, groupsize: int, where: str) -> None:
     if in_features % groupsize:
         raise UserError(f"--quantize int4 with groups of {groupsize} needs a layer width divisible by {groupsize}; "
                         f"{where} has {in_features} inputs (choose another group size: "
                         f"{', '.join(f'int4-g{g}' for g in INT4_GROUPS if in_features % g == 0) or 'int8'})")
-    if out_features % INT4_ROWS:
-        raise UserError(f"--quantize int4 needs a multiple of {INT4_ROWS} outputs; {where} has {out_features}")
 
 
 # ---------------------------------------------------------------- layers
 
 
 class Int8Linear(nn.Linear):
-    """A linear layer with int8 weights and one scale per output row, or (GGUF's blocks,
-    `groupsize`) a scale and an offset per group of inputs: w = q * scale (+ offset); a `bias`, if
-    set (with_bias), is float and added after the product. It subclasses nn.Linear so that code
-    finding linear layers by type finds it, but holds no float weight: `weight` dequantizes on
-    access (for code that inspects or merges it)."""
+    """A linear layer with int8 weights and one scale per output row, w = q * scale, where the CPU
+    kernel is not built (elsewhere int8 layers are LowBitLinear); a `bias`, if set (with_bias), is
+    float and added after the product. It subclasses nn.Linear so that code finding linear layers
+    by type finds it, but holds no float weight: `weight` dequantizes on access (for code that
+    inspects or merges it)."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, zeros: Optional[torch.Tensor] = None,
-                 groupsize: Optional[int] = None):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
         nn.Module.__init__(self)  # not nn.Linear's: no float weight to allocate
         self.out_features, self.in_features = q.shape
-        self.groupsize = groupsize
         self.register_buffer("qweight", q)
         self.kernel_dtype = kernel_dtype(q.device, dtype)
         self.register_buffer("scales", scales.to(dtype))
-        self.register_buffer("zeros", None if zeros is None else zeros.to(dtype))
         self.register_parameter("bias", None)
 
     @classmethod
@@ -144,23 +164,14 @@ class Int8Linear(nn.Linear):
 
     def rows(self, idx, dtype: torch.dtype) -> torch.Tensor:
         """Rows `idx` of the weight (an embedding lookup), dequantized to `dtype`."""
-        q, s = self.qweight[idx].to(dtype), self.scales[idx].to(dtype)
-        if self.groupsize is None:
-            return q * s[..., None]
-        g = q.unflatten(-1, (-1, self.groupsize)) * s[..., None]
-        if self.zeros is not None:
-            g = g + self.zeros[idx].to(dtype)[..., None]
-        return g.flatten(-2)
+        return self.qweight[idx].to(dtype) * self.scales[idx].to(dtype)[..., None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return add_bias(self.matmul(x), self.bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.groupsize is not None:
-            return self._grouped_matmul(x)
-        # gpt-fast's form, the cast fused into the product, in a compiled step of one row (batch-1
-        # decoding: on a 2-core Zen 4 it decodes the embedded model at 119 tokens/s against 101 with
-        # torch's kernel), of several rows where the CPU lacks native bfloat16, and on other devices
+        # gpt-fast's form, the cast fused into the product, in a compiled step of one row, of several
+        # rows where the CPU lacks native bfloat16, and on other devices
         compiled = torch.compiler.is_compiling()
         if x.device.type != "cpu" or (compiled and (x.numel() == x.size(-1) or self.kernel_dtype != torch.bfloat16)):
             return linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -168,13 +179,8 @@ class Int8Linear(nn.Linear):
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(kd), self.qweight, self.scales.to(kd))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _grouped_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # compiled: one fused reduction over the int8 codes; eager: the weight dequantized for the product
-        return linear(x, self.rows(slice(None), x.dtype))
-
     def extra_repr(self) -> str:
-        groups = "" if self.groupsize is None else f", groupsize={self.groupsize}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8{groups}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 class Int8Embedding(nn.Module):
@@ -205,21 +211,17 @@ class LowBitLinear(nn.Linear):
     """A linear layer with 4- or 8-bit weights (`bits`), a scale and an offset per group of
     `groupsize` inputs: w = (q - 2^(bits-1)) * scale + z, q unsigned, and a float `bias` added after
     the product if set (with_bias). On CPU, where lit_llama/csrc/lowbit_matmul.cpp builds, the codes
-    are held in its tiles of 16 rows with scales and offsets (w = q s + m, see lowbit_tiles), and a
-    few rows of activations (decoding) are multiplied by that kernel, more rows (a prompt) by the
-    weight it dequantizes; elsewhere as packed bytes (low bits first) that the forward pass
-    dequantizes (fused into the product in a compiled step)."""
+    are held in its tiles of 16 rows with scales and offsets (w = q s + m, see lowbit_tiles; the
+    form a checkpoint stores, so a loaded layer uses the file's pages as they are), and a few rows
+    of activations (decoding) are multiplied by that kernel, more rows (a prompt) by the weight it
+    dequantizes; elsewhere as packed bytes (low bits first) that the forward pass dequantizes
+    (fused into the product in a compiled step)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
                  dtype: torch.dtype, perm: Optional[torch.Tensor] = None, bits: int = 4):
         nn.Module.__init__(self)
-        self.out_features, self.in_features = q.shape
-        self.groupsize = groupsize
-        self.bits = bits
-        self.dtype = dtype
-        # GPTQ's act-order: columns stored in the order they were quantized; the input is permuted to match
-        self.register_buffer("perm", None if perm is None else perm.to(device=q.device, dtype=torch.int32))
-        self.kernel = q.device.type == "cpu" and cpu_kernels.available()
+        out_features, in_features = q.shape
+        self._setup(out_features, in_features, groupsize, bits, dtype, perm, on_kernel(groupsize, q.device))
         if self.kernel:
             mins = zeros.float() - 2 ** (bits - 1) * scales.float()
             codes, sm = lowbit_tiles(q, scales, mins, bits)
@@ -229,21 +231,39 @@ class LowBitLinear(nn.Linear):
             self.register_buffer("qweight", pack_int(q, bits))
             # (groups, out, 2): scale and offset side by side
             self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous())
+
+    def _setup(self, out_features: int, in_features: int, groupsize: int, bits: int, dtype: torch.dtype,
+               perm: Optional[torch.Tensor], kernel: bool) -> None:
+        self.out_features, self.in_features = out_features, in_features
+        self.groupsize, self.bits, self.dtype, self.kernel = groupsize, bits, dtype, kernel
+        # GPTQ's act-order: columns stored in the order they were quantized; the input is permuted to match
+        self.register_buffer("perm", None if perm is None else perm.to(dtype=torch.int32))
         self.register_parameter("bias", None)
 
     @classmethod
-    def from_int8_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
-                        dtype: torch.dtype) -> "LowBitLinear":
-        """w = q * scale + zero per group, q signed 8-bit codes (-128..127)."""
-        return cls(q.to(torch.int32) + 128, scales, zeros, groupsize, dtype, bits=8)
+    def from_tiles(cls, codes: torch.Tensor, sm: torch.Tensor, groupsize: int, bits: int, out_features: int,
+                   dtype: torch.dtype, device=None) -> "LowBitLinear":
+        """The layer of a low-bit layout (lowbit_tiles) as a checkpoint stores it: on a CPU where the
+        kernel runs, the tensors themselves (memory-mapped pages stay file-backed, nothing is copied);
+        elsewhere unpacked onto `device`."""
+        device = torch.device(device or codes.device)
+        if not on_kernel(groupsize, device):
+            q, s, m = (t.to(device) for t in untile(codes, sm, bits, out_features))
+            return cls(q, s, m + 2 ** (bits - 1) * s, groupsize, dtype, bits=bits)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(out_features, codes.size(1) * 32 // bits, groupsize, bits, dtype, None, True)
+        layer.register_buffer("qweight", codes)
+        layer.register_buffer("scales_and_mins", sm)
+        return layer
 
     @classmethod
     def from_float(cls, w: torch.Tensor, groupsize: int, device=None, dtype: Optional[torch.dtype] = None,
                    where: str = "a layer") -> "LowBitLinear":
         """4-bit weights, quantize_int4's."""
         check_int4_shape(w.size(1), w.size(0), groupsize, where)
-        q, scales, zeros = quantize_int4(w.to(device) if device is not None else w, groupsize)
-        return cls(q, scales, zeros, groupsize, dtype or w.dtype)
+        return lowbit_layer(quantize_rows(w.to(device) if device is not None else w, 4, groupsize),
+                            device or w.device, dtype or w.dtype)
 
     @classmethod
     def from_packed(cls, layer: PackedLinear, dtype: torch.dtype) -> "LowBitLinear":
@@ -257,7 +277,7 @@ class LowBitLinear(nn.Linear):
     def weight(self) -> torch.Tensor:
         if self.kernel:
             w = torch.ops.lit_llama.lowbit_dequantize(self.qweight, self.scales_and_mins, self.groupsize, self.bits)
-            w = w.t().to(self.dtype)
+            w = w.t()[: self.out_features].to(self.dtype)
         else:
             w = self._dequantize(self.dtype)
         return unpermute_columns(w, self.perm)
@@ -268,8 +288,8 @@ class LowBitLinear(nn.Linear):
         if self.perm is not None:
             raise ValueError("rows of a layer with permuted columns are not looked up")
         if self.kernel:  # row r is lane r % 16 of tile r // 16 (lowbit_tiles)
-            t, lane = idx // INT4_ROWS, idx % INT4_ROWS
-            words = self.qweight.view(self.qweight.size(0), -1, INT4_ROWS, 4)[t, :, lane]  # (..., blocks, 4 bytes)
+            t, lane = idx // TILE_ROWS, idx % TILE_ROWS
+            words = self.qweight.view(self.qweight.size(0), -1, TILE_ROWS, 4)[t, :, lane]  # (..., blocks, 4 bytes)
             q = words if self.bits == 8 else torch.stack((words & 15, words >> 4), dim=-1)
             s, m = self.scales_and_mins[t, :, :, lane].to(dtype).unbind(-1)  # (..., groups) each
         else:
@@ -300,28 +320,12 @@ class LowBitLinear(nn.Linear):
         else:  # a prompt: the weight dequantized once, multiplied in bfloat16 where the CPU has it natively
             kd = kernel_dtype(x.device, x.dtype)
             y = rows.to(kd) @ torch.ops.lit_llama.lowbit_dequantize(*args).to(kd)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if y.size(-1) != self.out_features:  # rows padded to whole tiles
+            y = y[:, : self.out_features]
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, groupsize={self.groupsize}"
-
-
-def lowbit_tiles(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The CPU kernel's layout (lit_llama/csrc/lowbit_matmul.cpp) of unsigned `bits`-bit codes q
-    (out, in) and per-group scales and offsets (out, groups), w = q s + m: codes (out/16, in/P, 64)
-    uint8, P = 32 / bits codes a word, for each tile of 16 rows and block of P inputs the rows'
-    little-endian 32-bit words side by side, input Pb + n in bits `bits` n..; and (out/16, groups,
-    2, 16), the tile's scales then its offsets for each group, in float16 where that holds them
-    exactly (our quantizers', GGUF's Q4_0/Q4_1/Q8_0/Q5_x), else in float32 (K-quants' products of
-    two scales, GPTQ's offsets s * zero)."""
-    rows, cols = q.shape
-    per_byte = 8 // bits
-    parts = q.to(torch.uint8).view(rows // INT4_ROWS, INT4_ROWS, cols // (4 * per_byte), 4, per_byte)
-    words = parts[..., 0] if per_byte == 1 else parts[..., 0] | (parts[..., 1] << 4)  # (tiles, 16, blocks, 4 bytes)
-    codes = words.permute(0, 2, 1, 3).reshape(rows // INT4_ROWS, -1, 4 * INT4_ROWS).contiguous()
-    sm = torch.stack((scales.float(), mins.float()), dim=1).view(rows // INT4_ROWS, INT4_ROWS, 2, -1)
-    sm = sm.permute(0, 3, 2, 1).contiguous()
-    return codes, sm.half() if torch.equal(sm.half().float(), sm) else sm
 
 
 def with_bias(layer: nn.Linear, bias: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> nn.Linear:
@@ -338,9 +342,7 @@ def with_bias(layer: nn.Linear, bias: Optional[torch.Tensor], dtype: Optional[to
 def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[torch.dtype] = None,
                          release_mapped: bool = False) -> LLaMA:
     """Replace every float nn.Linear of the blocks (LoRA's and adapters' base layers included) by
-    a LowBitLinear (int4; int8 where the CPU kernel runs it) or an Int8Linear on `device` (default:
-    where the weight is), and the head by its
-    int8 codes (int8_head; tied: the embedding becomes an Int8Embedding of the head), in place. Every
+    its quantized_layer on `device` (default: where the weight is), and the head by its int8 codes (int8_head; tied: the embedding becomes an Int8Embedding of the head), in place. Every
     shape is checked before anything is replaced, so a bad group size changes nothing. `dtype`: the
     activations' (the model's after Fabric's precision; default the weights'). With `release_mapped`,
     the pages of each memory-mapped float weight are given back once quantized."""
@@ -359,8 +361,7 @@ def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[t
         w = child.weight.detach()
         if w.is_meta:
             raise ValueError("cannot quantize weights on the meta device: load them first")
-        layer = (int8_layer(Int8Linear.from_float(w, device, dtype), dtype) if bits == 8
-                 else LowBitLinear.from_float(w, groupsize, device, dtype, where))
+        layer = quantized_layer(w, bits, groupsize, device, dtype)
         setattr(parent, name, with_bias(layer, child.bias, dtype).train(child.training))
         if release_mapped:
             release_mapped_pages(child.weight)
@@ -382,100 +383,169 @@ def quantize_weight_only(model: LLaMA, mode: str, device=None, dtype: Optional[t
 
 def int8_head(w: torch.Tensor, device, dtype: torch.dtype) -> nn.Linear:
     """The head: w quantized per row to int8 (at int4 too, as llama.cpp keeps its output tensor at
-    more bits than the blocks), on the CPU kernel where it runs (int8_layer)."""
-    return int8_layer(Int8Linear.from_float(w, device, dtype), dtype)
+    more bits than the blocks)."""
+    return quantized_layer(w, 8, None, device, dtype)
 
 
-def int8_layer(rows: Int8Linear, dtype: torch.dtype) -> nn.Linear:
-    """The same int8 weights on the CPU kernel (a LowBitLinear of 8 bits, the row's scale in every
-    group), where it is built and the shape fits its tiles; else `rows` itself."""
-    g = max([g for g in INT4_GROUPS if rows.in_features % g == 0], default=0)
-    if not on_kernel(rows.out_features, g, rows.qweight.device):
-        return rows
-    scales = rows.scales.float()[:, None].expand(-1, rows.in_features // g).contiguous()
-    return LowBitLinear.from_int8_codes(rows.qweight, scales, torch.zeros_like(scales), g, dtype)
+def quantized_layer(w: torch.Tensor, bits: int, groupsize: Optional[int], device, dtype: torch.dtype) -> nn.Linear:
+    """The layer of `w` quantized by quantize_rows on `device` (default: where `w` is): LowBitLinear,
+    or, for int8 where the CPU kernel is not built, Int8Linear (torch's int8 kernel)."""
+    device = torch.device(device or w.device)
+    if bits == 8 and not on_kernel(int8_groupsize(w.size(1)), device):
+        return Int8Linear.from_float(w, device, dtype)
+    return lowbit_layer(quantize_rows(w.to(device), bits, groupsize), device, dtype)
 
 
-def on_kernel(out_features: int, groupsize: int, device) -> bool:
-    """Whether the CPU kernel takes a layer of `out_features` rows in groups of `groupsize` on `device`
-    (where it is not, 8-bit codes stay an Int8Linear)."""
-    return (groupsize in INT4_GROUPS and out_features % INT4_ROWS == 0 and torch.device(device).type == "cpu"
-            and cpu_kernels.available())
+def lowbit_layer(rows: QuantizedRows, device, dtype: torch.dtype) -> "LowBitLinear":
+    """The LowBitLinear of integer rows, through the layout a checkpoint stores (tile_tensors)."""
+    t = tile_tensors(rows)
+    return LowBitLinear.from_tiles(t["codes"], t["sm"], rows.groupsize, rows.bits, rows.shape[0], dtype, device)
+
+
+def on_kernel(groupsize: int, device) -> bool:
+    """Whether the CPU kernel takes a layer in groups of `groupsize` on `device`."""
+    return groupsize in KERNEL_GROUPS and torch.device(device).type == "cpu" and cpu_kernels.available()
 
 
 def use_int4_kernels(model: nn.Module, dtype: torch.dtype) -> int:
     """Swap each 3- or 4-bit PackedLinear (quantize/gptq.py's checkpoints) on the CPU whose groups are
-    whole and whose outputs come in tiles of 16 for the LowBitLinear with the same weights, in place:
+    whole for the LowBitLinear with the same weights, in place:
     the CPU int4 kernel instead of unpacking the integers at every product; `dtype`: the activations'.
     Returns how many. The embedding and a 6- or 8-bit head stay packed."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (type(child) is PackedLinear and child.bits in (3, 4) and child.qweight.device.type == "cpu"
-                    and child.in_features % child.groupsize == 0 and child.out_features % INT4_ROWS == 0):
+                    and child.in_features % child.groupsize == 0):
                 setattr(parent, name, with_bias(LowBitLinear.from_packed(child, dtype), child.bias).train(child.training))
                 swapped += 1
     return swapped
 
 
-# ---------------------------------------------------------------- GGUF integers kept as they are
+# ---------------------------------------------------------------- checkpoints of integer layers
 
 
-def kept_layer(rows: QuantizedRows, device, dtype: torch.dtype) -> nn.Linear:
-    """The layer that multiplies a GGUF tensor's codes as they are (w = q * scale + offset per
-    group): 4-bit codes as an LowBitLinear, whose form (q - 8) s + z takes the offset as z = offset + 8 s;
-    8-bit codes, where the CPU int4 kernel is built, as two 4-bit halves on it (torch's int8 kernel
-    takes one scale per row, not per group); else, and for groups of 16 (Q6_K) or shapes
-    the int4 layout cannot take, as int8 codes dequantized for each product (fused in a compiled step)."""
-    q, s, z = (t.to(device) for t in (rows.q, rows.scales, rows.zeros))
-    if rows.groupsize in INT4_GROUPS and q.size(0) % INT4_ROWS == 0:
-        if rows.bits == 4:
-            return LowBitLinear(q, s, z + 8 * s, rows.groupsize, dtype)
-        if on_kernel(q.size(0), rows.groupsize, q.device):
-            return LowBitLinear.from_int8_codes(q, s, z, rows.groupsize, dtype)
-    return Int8Linear(q.to(torch.int8), s, dtype, zeros=z, groupsize=rows.groupsize)
-
-
-def build_kept_model(checkpoint_dir: Path, config: Config, quantization: dict, device=None,
-                     dtype: torch.dtype = torch.float32) -> LLaMA:
-    """The model of a checkpoint converted by scripts/convert_gguf_checkpoint.py --keep_quantized:
-    each layer of the entry's `layers` multiplies its integers (kept_layer) on `device`; the
-    embedding looks up int8 rows (tied, the head holds the codes again, as the kernel takes them);
-    the norms are float in `dtype`."""
+def build_lowbit_model(checkpoint_dir: Path, config: Config, quantization: dict, device=None,
+                       dtype: torch.dtype = torch.float32) -> LLaMA:
+    """The model of a checkpoint whose layers are stored in the low-bit layout (a GGUF file's integers
+    kept by scripts/convert_gguf_checkpoint.py --keep_quantized, or quantize/weight_only.py's):
+    each layer of the entry's `layers` a LowBitLinear on `device` made from the file's tensors as
+    they are (on a CPU with the kernel: memory-mapped, nothing copied); an integer embedding looks
+    up its rows (tied: the same layer is the head); the float tensors left (norms, an untied float
+    embedding) in `dtype`."""
     layers = quantization.get("layers")
     if not isinstance(layers, dict):
         raise CheckpointError(f"{checkpoint_dir}: the quantization entry of its config is corrupted: {quantization}")
     with torch.device("meta"):
         model = LLaMA(config)
     state_dict = load_state_dict(checkpoint_dir)
-    for name, info in layers.items():  # one layer's codes unpacked at a time
-        rows = read_quantized_rows(state_dict, name, info, checkpoint_dir)
+    vocab_shape = (config.padded_vocab_size, config.n_embd)
+    for name, info in layers.items():
+        codes, sm, bits, groupsize, shape = read_tiles(state_dict, name, info, checkpoint_dir)
         try:
-            expected = tuple(model.get_submodule(name).weight.shape)
+            expected = vocab_shape if name in ("transformer.wte", "lm_head") else tuple(model.get_submodule(name).weight.shape)
         except AttributeError:
             raise CheckpointError(f"{checkpoint_dir}: its config has no layer {name}")
-        if tuple(rows.shape) != expected:
-            raise CheckpointError(f"weights in {checkpoint_dir}: {name} has shape {tuple(rows.shape)}, "
-                                  f"the config needs {expected}")
-        if name == "transformer.wte":  # looked up by rows, which the int4 kernel's layout cannot give
-            table = Int8Linear(rows.q.to(device=device, dtype=torch.int8), rows.scales.to(device), dtype,
-                               zeros=rows.zeros.to(device), groupsize=rows.groupsize)
-            model.transformer.wte = Int8Embedding(table, dtype, shared=False)
-            if config.tie_embeddings:  # the same codes a second time, in the kernel's layout for the head
-                model.lm_head = kept_layer(rows, device, dtype)
+        if shape != expected:
+            raise CheckpointError(f"weights in {checkpoint_dir}: {name} has shape {shape}, the config needs {expected}")
+        layer = LowBitLinear.from_tiles(codes, sm, groupsize, bits, shape[0], dtype, device)
+        if name == "transformer.wte":  # looked up by rows; tied, the same codes are the head
+            model.transformer.wte = Int8Embedding(layer, dtype, shared=False)
+            if config.tie_embeddings:
+                model.lm_head = layer
         else:
             parent, _, child = name.rpartition(".")
-            bias = model.get_submodule(name).bias  # float, on meta: assigned from the file below
-            setattr(model.get_submodule(parent), child, kept_layer(rows, device, dtype))
-            model.get_submodule(name).bias = bias
-        del rows
+            bias = getattr(model.get_submodule(name), "bias", None)  # float, on meta: assigned from the file below
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            layer.bias = bias
     # the integer layers' own tensors count as present: every other tensor is checked as a float model's
     state_dict.update({k: v for k, v in model.state_dict().items() if not v.is_meta})
     check_state_dict(model, state_dict, checkpoint_dir)
     model.load_state_dict(state_dict, assign=True)
-    for module in model.modules():  # the float tensors left (norms, unkept layers), in `dtype` on `device`
+    for module in model.modules():  # the float tensors left (norms, biases, a float embedding), in `dtype` on `device`
         for key, t in list(module._parameters.items()):
             if t is not None and t.is_floating_point():
                 module._parameters[key] = nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
     release_freed_heap()
     return model
+
+
+# ---------------------------------------------------------------- quantize once (quantize/weight_only.py)
+
+# the float linear layers of the blocks, which --quantize replaces (the head is int8 in every mode)
+BLOCK_LINEAR = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc1|mlp\.c_fc2|mlp\.c_proj)\.weight")
+
+
+def quantize_checkpoint(checkpoint_dir: Path, mode: str, output_dir: Path) -> None:
+    """Write `checkpoint_dir` quantized as `--quantize mode` quantizes it at load (the same
+    quantize_rows, so the same weights) into a checkpoint directory that every inference script
+    loads without --quantize: each block linear layer and the head (tied: the embedding) in the
+    low-bit layout the kernel reads, the other tensors as they are. One tensor at a time from the
+    memory-mapped source, its pages given back once written: peak memory is about one layer. Shapes
+    and free disk are checked before anything is written; the output appears only when complete."""
+    from tqdm import tqdm
+
+    from lit_llama.io.checkpoint import (WEIGHT_ONLY_METHOD, ShardedWriter, copy_tokenizer_files,
+                                         read_checkpoint_config, tile_entry, validate_checkpoint_dir, write_config)
+    from lit_llama.utils import atomic_dir
+
+    bits, groupsize = parse_mode(mode)
+    validate_checkpoint_dir(checkpoint_dir)
+    config, quantization = read_checkpoint_config(checkpoint_dir)
+    if quantization is not None:
+        raise UserError(f"{checkpoint_dir} is already quantized (method {quantization.get('method')}): "
+                        "quantize the float checkpoint it was made from")
+    state_dict = load_state_dict(checkpoint_dir)
+    head = "transformer.wte.weight" if config.tie_embeddings else "lm_head.weight"
+    targets = {name for name in state_dict if BLOCK_LINEAR.fullmatch(name)} | {head}
+    if bits == 4:
+        for name in sorted(targets - {head}):
+            check_int4_shape(state_dict[name].size(1), state_dict[name].size(0), groupsize, name.removesuffix(".weight"))
+    check_disk(output_dir, quantized_bytes(state_dict, targets, bits, groupsize))
+    layers = {}
+    with atomic_dir(output_dir) as tmp:
+        writer = ShardedWriter(tmp)
+        for name in tqdm(list(state_dict), desc=f"quantizing to {mode}", unit="tensor"):
+            t = state_dict.pop(name)
+            if name in targets:
+                rows = quantize_rows(t, 8 if name == head else bits, groupsize)
+                layer = name.removesuffix(".weight")
+                for key, part in tile_tensors(rows).items():
+                    writer.add(f"{layer}.{key}", part)
+                layers[layer] = tile_entry(rows)
+                del rows
+            else:
+                writer.add(name, t)
+            release_mapped_pages(t)
+            release_freed_heap()
+        writer.close()
+        write_config(tmp, config, {"method": WEIGHT_ONLY_METHOD, "mode": mode, "layers": layers})
+        copy_tokenizer_files(Path(checkpoint_dir), tmp)
+    print(f"wrote {output_dir}")
+
+
+def quantized_bytes(state_dict, targets, bits: int, groupsize: Optional[int]) -> int:
+    """The size of quantize_checkpoint's output: codes plus a float16 scale and offset per group
+    for the quantized layers, the others as they are."""
+    total = 0
+    for name, t in state_dict.items():
+        if name not in targets:
+            total += t.numel() * t.element_size()
+            continue
+        b, g = (8, int8_groupsize(t.size(1))) if bits == 8 or name.startswith(("lm_head", "transformer.wte")) else (bits, groupsize)
+        rows = -(-t.size(0) // TILE_ROWS) * TILE_ROWS
+        total += rows * t.size(1) * b // 8 + rows * (t.size(1) // g) * 4
+    return total
+
+
+def check_disk(output_dir: Path, needed: int) -> None:
+    """UserError, before anything is written, where the disk that will hold `output_dir` has less
+    free space than `needed` bytes."""
+    import shutil
+
+    parent = Path(output_dir).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise UserError(f"{output_dir} needs {needed / 1e9:.2f} GB of disk, {parent} has {free / 1e9:.2f} GB free")
