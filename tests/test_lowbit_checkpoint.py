@@ -187,3 +187,18 @@ def test_an_old_rows_checkpoint_is_one_clear_error(saved, tmp_path):
     shutil.move(tmp_path / "w" / "lit_model.safetensors", old / "lit_model.safetensors")
     with pytest.raises(UserError, match="older lit_llama"):
         load_for_inference(old)
+
+
+def test_a_model_that_does_not_fit_memory_is_refused_before_loading(default_checkpoint, saved, monkeypatch):
+    """Copies of the weights (a quantization at load, eager decoding's column-major matrices) that the
+    available memory cannot hold are one clear error; a low-bit checkpoint, read in place, still loads."""
+    from lit_llama.infer import load
+
+    monkeypatch.setattr(load, "available_memory", lambda: 10**6)
+    with pytest.raises(UserError, match=r"with --quantize int8 needs about 0\.\d GB of memory, 0\.0 GB is available"):
+        load_for_inference(default_checkpoint, "32-true", quantize="int8")
+    with pytest.raises(UserError, match="for eager decoding"):
+        load_for_inference(default_checkpoint, "32-true")
+    with pytest.raises(UserError, match="in bfloat16"):  # a float32 checkpoint's copy in bfloat16 is smaller, still too big here
+        load_for_inference(default_checkpoint, "bf16-true")
+    assert isinstance(model_of(load_for_inference(saved["int8"])).lm_head, LowBitLinear)

@@ -10,8 +10,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from lit_llama.infer.generation import decode_layout
-from lit_llama.io.checkpoint import (LOWBIT_METHODS, build_model, load_finetuned_weights, load_weights_file, read_checkpoint_config,
-                                     read_quantization, validate_checkpoint_dir)
+from lit_llama.io.checkpoint import (LOWBIT_METHODS, build_model, load_finetuned_weights, load_safetensors, load_weights_file,
+                                     read_checkpoint_config, read_quantization, validate_checkpoint_dir, weight_files)
 from lit_llama.peft.adapter import ADAPTER_FILE, load_adapter
 from lit_llama.peft.adapter_v2 import ADAPTER_V2_FILE, load_adapter_v2
 from lit_llama.peft.lora import load_lora
@@ -134,6 +134,8 @@ def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wr
     validate_checkpoint_dir(checkpoint_dir)
     config, quantization = read_checkpoint_config(checkpoint_dir)
     check_quantize_mode(checkpoint_dir, quantize, quantization)
+    if fabric.device.type == "cpu":
+        check_memory(checkpoint_dir, quantization, _weight_dtype(precision), quantize, compile)
     if quantization is not None and quantization.get("method") in LOWBIT_METHODS:
         model = build_lowbit_model(checkpoint_dir, config, quantization, fabric.device, _weight_dtype(precision))
     elif quantization is not None:
@@ -153,6 +155,44 @@ def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wr
     if fabric.device.type == "cpu":
         decode_layout(model, compiled=compile)
     return fabric, model, tokenizer
+
+
+def check_memory(checkpoint_dir: Path, quantization: Optional[dict], dtype: torch.dtype, quantize: Optional[str],
+                 compile: bool) -> None:
+    """UserError, before any weight is read, where loading would copy more of the weights into the
+    process's own (anonymous) memory than the machine has available. Weights used in place from the
+    memory-mapped file do not count: a low-bit checkpoint, or a float one in its own dtype for a
+    compiled step, runs even when larger than memory (its pages are read from the file as needed)."""
+    files = weight_files(checkpoint_dir)
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    if quantization is not None and quantization.get("method") in LOWBIT_METHODS:
+        return
+    stored = next(iter(load_safetensors(files[0]).values()), torch.empty(0)).element_size() or 4
+    if quantize in WEIGHT_ONLY_MODES:
+        needed, how = size * (1 if quantize == "int8" else 0.6) / stored, f"with --quantize {quantize}"
+    elif quantization is None and dtype.itemsize != stored:
+        needed, how = size * dtype.itemsize / stored, f"in {str(dtype).removeprefix('torch.')}"
+    elif quantization is None and not compile:
+        needed, how = size * 0.75, "for eager decoding (its wide matrices are stored again column-major)"
+    else:
+        return
+    available = available_memory()
+    if available is not None and needed > available:
+        raise UserError(f"loading {checkpoint_dir} {how} needs about {needed / 1e9:.1f} GB of memory, "
+                        f"{available / 1e9:.1f} GB is available (a checkpoint quantized once by "
+                        "quantize/weight_only.py, or run in its own dtype with --compile true, is read from the file in place)")
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _weight_dtype(precision: Optional[str]) -> torch.dtype:

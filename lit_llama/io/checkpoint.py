@@ -103,7 +103,7 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
 @dataclass
 class QuantizedRows:
     """A weight (out, in) kept as integers, w = q * scales + zeros for each group of `groupsize`
-    inputs of a row: q (out, in) int32 codes of `bits` bits (4: 0..15, 8: -128..127), scales and
+    inputs of a row: q (out, in) integer codes of `bits` bits (4: 0..15, 8: -128..127), scales and
     zeros (out, in / groupsize) float32. Every row is independent (GGUF's blocks run along the
     inputs), so the converters' row operations (the rotary permutation, vocabulary padding,
     stacking q, k and v) apply to q, scales and zeros alike; `qtype` names the source's format."""
@@ -172,8 +172,8 @@ def tile_tensors(w: QuantizedRows) -> Dict[str, torch.Tensor]:
     """How a checkpoint stores an integer layer: its low-bit layout (lowbit_tiles), `codes` and `sm`,
     so that loading maps the file's pages and the kernel reads them in place."""
     q, mins = w.q, w.zeros
-    if w.bits == 8:  # signed codes -> unsigned: w = (q + 128) s + (z - 128 s)
-        q, mins = q + 128, w.zeros - 128 * w.scales
+    if w.bits == 8:  # signed codes -> unsigned: w = (q + 128) s + (z - 128 s); q + 128 flips the sign bit
+        q, mins = w.q.to(torch.int8).view(torch.uint8) ^ 0x80, w.zeros - 128 * w.scales
     codes, sm = lowbit_tiles(q, w.scales, mins, w.bits)
     return {"codes": codes, "sm": sm}
 

@@ -266,15 +266,24 @@ KEPT_TYPES = {
 }
 
 
-def quantized_rows(tensor) -> QuantizedRows:
-    """A GGUF tensor of a KEPT_TYPES type as integer codes with a scale and an offset per group."""
+def quantized_rows(tensor, chunk_values: int = 1 << 24) -> QuantizedRows:
+    """A GGUF tensor of a KEPT_TYPES type as integer codes (one byte each: uint8 at 4 bits, int8 at
+    8) with a scale and an offset per group, decoded `chunk_values` at a time: the decoders'
+    wide temporaries stay small even for a large vocabulary's head."""
     decode, bits, groupsize, block = KEPT_TYPES[tensor.tensor_type.name]
     cols, rows = int(tensor.shape[0]), int(np.prod([int(s) for s in tensor.shape[1:]]))
-    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows * cols // block, -1)
-    q, s, z = decode(raw)
-    t = lambda a, width: torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype)).reshape(rows, width)
-    return QuantizedRows(t(q, cols), t(s, cols // groupsize).float(), t(z, cols // groupsize).float(),
-                         groupsize, bits, tensor.tensor_type.name)
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)
+    q = torch.empty(rows, cols, dtype=torch.uint8 if bits == 4 else torch.int8)
+    s, z = torch.empty(rows, cols // groupsize), torch.empty(rows, cols // groupsize)
+    step = max(1, chunk_values // cols)
+    for r in range(0, rows, step):
+        part = raw[r: r + step]
+        cq, cs, cz = decode(part.reshape(part.shape[0] * cols // block, -1))
+        n = part.shape[0]
+        q[r: r + n] = torch.from_numpy(np.ascontiguousarray(cq)).reshape(n, cols)
+        s[r: r + n] = torch.from_numpy(np.ascontiguousarray(cs, dtype=np.float32)).reshape(n, -1)
+        z[r: r + n] = torch.from_numpy(np.ascontiguousarray(cz, dtype=np.float32)).reshape(n, -1)
+    return QuantizedRows(q, s, z, groupsize, bits, tensor.tensor_type.name)
 
 
 def default_dtype(tensors: Dict[str, Any]) -> torch.dtype:
