@@ -8,13 +8,13 @@ from lit_llama.infer.chat import ChatSession, run_chat
 from lit_llama.infer.generation import SamplingArgs
 from lit_llama.infer.load import FinetunedArgs, LoadArgs, load_chat_model
 from lit_llama.infer.speculative import SpeculativeArgs
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_INFERENCE_DIR
 from lit_llama.templates import get_template
 from lit_llama.utils import UserError, run_cli
 
 
 def main(
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    checkpoint_dir: Path = DEFAULT_INFERENCE_DIR,
     weights: FinetunedArgs = FinetunedArgs(),
     template: Optional[str] = None,
     system: Optional[str] = None,

@@ -10,14 +10,14 @@ from lit_llama.infer.engine import Engine, Request, SamplingParams, speculation_
 from lit_llama.infer.generation import SamplingArgs, compile_decode_step, decode_step, warm_up
 from lit_llama.infer.load import LoadArgs, load_for_inference
 from lit_llama.infer.speculative import SpeculativeArgs
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_INFERENCE_DIR
 from lit_llama.templates import ChatFormat, choose_template
 from lit_llama.utils import run_cli
 
 
 def main(
     prompt: str = "Hello, my name is",
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    checkpoint_dir: Path = DEFAULT_INFERENCE_DIR,
     chat: bool = False,
     template: Optional[str] = None,
     num_samples: int = 1,

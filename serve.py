@@ -11,14 +11,14 @@ import uvicorn
 from lit_llama.infer.engine import cache_row_bytes
 from lit_llama.infer.load import FinetunedArgs, LoadArgs, load_chat_model
 from lit_llama.infer.speculative import SpeculativeArgs
-from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
+from lit_llama.io.checkpoint import DEFAULT_INFERENCE_DIR
 from lit_llama.serve.server import Jobs, Server, create_app
 from lit_llama.templates import get_template
 from lit_llama.utils import UserError, run_cli
 
 
 def main(
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    checkpoint_dir: Path = DEFAULT_INFERENCE_DIR,
     weights: FinetunedArgs = FinetunedArgs(),
     template: Optional[str] = None,
     host: str = "127.0.0.1",

@@ -194,7 +194,7 @@ def test_a_model_that_does_not_fit_memory_is_refused_before_loading(default_chec
     available memory cannot hold are one clear error; a low-bit checkpoint, read in place, still loads."""
     from lit_llama.infer import load
 
-    monkeypatch.setattr(load, "available_memory", lambda: 10**6)
+    monkeypatch.setattr(load, "available_memory", lambda: 10**6)  # as the loader sees it
     with pytest.raises(UserError, match=r"with --quantize int8 needs about 0\.\d GB of memory, 0\.0 GB is available"):
         load_for_inference(default_checkpoint, "32-true", quantize="int8")
     with pytest.raises(UserError, match="for eager decoding"):

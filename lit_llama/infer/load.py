@@ -10,7 +10,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from lit_llama.infer.generation import decode_layout
-from lit_llama.io.checkpoint import (LOWBIT_METHODS, build_model, load_finetuned_weights, load_safetensors, load_weights_file,
+from lit_llama.io.checkpoint import (LOWBIT_METHODS, available_memory, build_model, load_finetuned_weights, load_safetensors, load_weights_file,
                                      read_checkpoint_config, read_quantization, validate_checkpoint_dir, weight_files)
 from lit_llama.peft.adapter import ADAPTER_FILE, load_adapter
 from lit_llama.peft.adapter_v2 import ADAPTER_V2_FILE, load_adapter_v2
@@ -181,18 +181,6 @@ def check_memory(checkpoint_dir: Path, quantization: Optional[dict], dtype: torc
         raise UserError(f"loading {checkpoint_dir} {how} needs about {needed / 1e9:.1f} GB of memory, "
                         f"{available / 1e9:.1f} GB is available (a checkpoint quantized once by "
                         "quantize/weight_only.py, or run in its own dtype with --compile true, is read from the file in place)")
-
-
-def available_memory() -> Optional[int]:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _weight_dtype(precision: Optional[str]) -> torch.dtype:

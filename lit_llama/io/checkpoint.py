@@ -41,6 +41,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "lit_template.json")
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints/SmolLM2-135M-Instruct")
+# the same model with the shipped GGUF's Q4_1/Q8_0 integers kept as they are (the float checkpoint above
+# is their dequantization, so both hold the same weights): what generate.py, chat.py and serve.py run
+# without --checkpoint_dir, as llama.cpp runs the file, on the low-bit kernel (finetuning needs the float one)
+DEFAULT_INFERENCE_DIR = Path("checkpoints/SmolLM2-135M-Instruct-Q4_1")
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -77,6 +81,11 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is corrupted: its header is not valid JSON")
         # a private (copy-on-write) map: tensors may be modified in memory, never the file
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+    if mm is not None and hasattr(mm, "madvise") and size < (available_memory() or 0) // 2:
+        # read the file ahead, in large requests, while the model is being built: a start then waits
+        # for the disk's sequential speed instead of one page fault at a time (a file larger than
+        # memory is left to be read as it is used)
+        mm.madvise(mmap.MADV_WILLNEED)
     header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
@@ -95,6 +104,18 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         else:
             out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + begin).view(shape)
     return out
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 # ---------------------------------------------------------------- integer weights kept as they are
@@ -361,7 +382,7 @@ def validate_checkpoint_dir(checkpoint_dir: Path) -> None:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         hint = ""
-        if checkpoint_dir == DEFAULT_CHECKPOINT_DIR:
+        if checkpoint_dir in (DEFAULT_CHECKPOINT_DIR, DEFAULT_INFERENCE_DIR):
             hint = " (run `make model` or `python scripts/prepare_default_model.py` to create it)"
         raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist{hint}")
     missing = [] if (checkpoint_dir / CONFIG_FILE).is_file() else [CONFIG_FILE]

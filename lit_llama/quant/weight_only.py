@@ -36,20 +36,23 @@ would restate it.
 
 import functools
 import re
+import shutil
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from lit_llama import cpu_kernels
-from lit_llama.io.checkpoint import (TILE_ROWS, CheckpointError, QuantizedRows, check_state_dict, load_state_dict,
-                                     lowbit_tiles, read_tiles, release_freed_heap, release_mapped_pages, tile_tensors,
-                                     untile)
+from lit_llama.io.checkpoint import (TILE_ROWS, WEIGHT_ONLY_METHOD, CheckpointError, QuantizedRows, ShardedWriter,
+                                     check_state_dict, copy_tokenizer_files, load_state_dict, lowbit_tiles,
+                                     read_checkpoint_config, read_tiles, release_freed_heap, release_mapped_pages,
+                                     tile_entry, tile_tensors, untile, validate_checkpoint_dir, write_config)
 from lit_llama.model import Config, LLaMA, linear
 from lit_llama.quant.packed import PackedLinear, add_bias, pack_int, unpack_int, unpermute_columns
-from lit_llama.utils import UserError
+from lit_llama.utils import UserError, atomic_dir
 
 MODES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 INT4_GROUPS = (32, 64, 128)
@@ -483,12 +486,6 @@ def quantize_checkpoint(checkpoint_dir: Path, mode: str, output_dir: Path) -> No
     low-bit layout the kernel reads, the other tensors as they are. One tensor at a time from the
     memory-mapped source, its pages given back once written: peak memory is about one layer. Shapes
     and free disk are checked before anything is written; the output appears only when complete."""
-    from tqdm import tqdm
-
-    from lit_llama.io.checkpoint import (WEIGHT_ONLY_METHOD, ShardedWriter, copy_tokenizer_files,
-                                         read_checkpoint_config, tile_entry, validate_checkpoint_dir, write_config)
-    from lit_llama.utils import atomic_dir
-
     bits, groupsize = parse_mode(mode)
     validate_checkpoint_dir(checkpoint_dir)
     config, quantization = read_checkpoint_config(checkpoint_dir)
@@ -541,8 +538,6 @@ def quantized_bytes(state_dict, targets, bits: int, groupsize: Optional[int]) ->
 def check_disk(output_dir: Path, needed: int) -> None:
     """UserError, before anything is written, where the disk that will hold `output_dir` has less
     free space than `needed` bytes."""
-    import shutil
-
     parent = Path(output_dir).resolve().parent
     while not parent.exists():
         parent = parent.parent
