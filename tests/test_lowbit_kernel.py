@@ -28,11 +28,11 @@ def ops(request):
     return getattr(torch.ops, name)
 
 
-def case(out, cols, groupsize, bits, seed, exact_half=True):
+def case(out, cols, groupsize, bits, seed, exact_half=True, symmetric=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 2 ** bits, (out, cols), generator=g)
     s = torch.rand(out, cols // groupsize, generator=g) * 0.02 + 1e-3
-    m = -torch.rand(out, cols // groupsize, generator=g) * 0.1
+    m = -(2 ** (bits - 1)) * s if symmetric else -torch.rand(out, cols // groupsize, generator=g) * 0.1
     if exact_half:
         s, m = s.half().float(), m.half().float()
     w = (q.view(out, -1, groupsize) * s[..., None] + m[..., None]).view(out, cols)
@@ -42,12 +42,15 @@ def case(out, cols, groupsize, bits, seed, exact_half=True):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("groupsize", [16, 32, 64, 128])
 @pytest.mark.parametrize("exact_half", [True, False], ids=["float16", "float32"])
-def test_products_and_weight_are_the_formula(ops, bits, groupsize, exact_half):
-    q, s, m, w = case(48, 384, groupsize, bits, seed=groupsize + bits, exact_half=exact_half)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["offsets", "symmetric"])
+def test_products_and_weight_are_the_formula(ops, bits, groupsize, exact_half, symmetric):
+    """Symmetric weights (m = -2^(bits-1) s, GGUF's Q4_0/Q8_0/Q6_K) are stored without their offsets."""
+    q, s, m, w = case(48, 384, groupsize, bits, seed=groupsize + bits, exact_half=exact_half, symmetric=symmetric)
     codes, sm = lowbit_tiles(q, s, m, bits)
     assert sm.dtype == (torch.float16 if exact_half else torch.float32)
-    assert codes.shape == (3, 384 * bits // 32, 64) and sm.shape == (3, 384 // groupsize, 2, 16)
-    torch.testing.assert_close(ops.lowbit_dequantize(codes, sm, groupsize, bits), w.t(), rtol=1e-6, atol=1e-7)
+    assert codes.shape == (3, 384 * bits // 32, 64) and sm.shape == (3, 384 // groupsize, 1 if symmetric else 2, 16)
+    # within float32 rounding of the terms q s (up to ~5): the kernel may fuse q s + m into one rounding
+    torch.testing.assert_close(ops.lowbit_dequantize(codes, sm, groupsize, bits), w.t(), rtol=1e-6, atol=1e-6)
     for rows in (1, 2, 5):
         x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows))
         torch.testing.assert_close(ops.lowbit_matmul(x, codes, sm, groupsize, bits), x @ w.t(), rtol=1e-5, atol=1e-4)
@@ -113,12 +116,13 @@ def test_row_lookups_are_the_weight_rows(bits, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_rows_padded_to_whole_tiles_and_read_back(bits):
-    """40 rows fill three tiles, the last one padded: the layer's product and weight have 40 rows,
-    and untile gives back the codes, scales and offsets."""
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rows_padded_to_whole_tiles_and_read_back(bits, symmetric):
+    """40 rows fill three tiles, the last one padded: the layer's product, weight and row lookups
+    have 40 rows, and untile gives back the codes, scales and offsets."""
     from lit_llama.io.checkpoint import untile
 
-    q, s, m, w = case(40, 128, 32, bits, seed=7)
+    q, s, m, w = case(40, 128, 32, bits, seed=7, symmetric=symmetric)
     codes, sm = lowbit_tiles(q, s, m, bits)
     assert codes.shape[0] == 3 and sm.shape[0] == 3
     got_q, got_s, got_m = untile(codes, sm, bits, 40)
@@ -127,3 +131,5 @@ def test_rows_padded_to_whole_tiles_and_read_back(bits):
     torch.testing.assert_close(layer.weight, w, rtol=1e-6, atol=1e-7)
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-4)
+    idx = torch.tensor([[0, 39], [17, 16]])
+    torch.testing.assert_close(layer.rows(idx, torch.float32), w[idx], rtol=1e-6, atol=1e-7)

@@ -13,8 +13,10 @@
 //         32-bit words, word l holding row 16t + l's P codes, input Pb + n in bits BITS n.. The 16
 //         rows of a tile are the 16 lanes of a vector, so a tile's output is one register (no
 //         horizontal sums), and one 64-byte load brings 16 P codes.
-//   sm    (N/16, K/GS, 2, 16) float16 (or float32, where float16 would round them): per tile and
-//         group, the 16 rows' scales s, then their offsets m.
+//   sm    (N/16, K/GS, NSM, 16) float16 (or float32, where float16 would round them): per tile and
+//         group, the 16 rows' scales s, then (NSM = 2) their offsets m. NSM = 1 is a symmetric
+//         layout, m = -(F/2) s (GGUF's Q4_0, Q8_0 and Q6_K, our int8): the offsets are not stored,
+//         so a step reads as many bytes as the GGUF file's blocks hold.
 //   w[n, k] = q[n, k] * s[n, k / GS] + m[n, k / GS]   (GGUF's Q4_1 form; Q4_0 is m = -8 s)
 //
 // A code becomes a float without a conversion instruction: its bits placed at the top of a float's
@@ -34,6 +36,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // the operators' namespace: lit_llama; tests build this file again for other instruction sets under another
@@ -78,8 +81,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #endif
 
-// y[0..16) = one tile's outputs for one row of activations x (K = groups * GS), xsum: x's group sums
-template <int BITS, int GS, typename S>
+// y[0..16) = one tile's outputs for one row of activations x (K = groups * GS), xsum: x's group sums;
+// NSM: 2 (scales and offsets) or 1 (scales, symmetric)
+template <int BITS, int GS, int NSM, typename S>
 void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const float* __restrict x,
                   const float* __restrict xsum, float* __restrict y, int64_t groups) {
 #if defined(__AVX512F__)
@@ -101,9 +105,10 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
       EACH_CODE(STEP)
 #undef STEP
     }
-    const S* h = sm + g * 2 * kRows;
+    const S* h = sm + g * NSM * kRows;
     const __m512 s16 = _mm512_mul_ps(load16(h), F);
-    const __m512 m = _mm512_sub_ps(load16(h + kRows), s16);
+    // m - F s; symmetric: m = -(F/2) s, so -1.5 F s
+    const __m512 m = NSM == 2 ? _mm512_sub_ps(load16(h + kRows), s16) : _mm512_mul_ps(s16, _mm512_set1_ps(-1.5f));
     out = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])), s16, out);
     out = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[g]), out);
   }
@@ -129,11 +134,11 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
 #undef STEP
       }
     }
-    const S* h = sm + g * 2 * kRows;
+    const S* h = sm + g * NSM * kRows;
     const __m256 xs = _mm256_set1_ps(xsum[g]);
     for (int half = 0; half < 2; ++half) {
       const __m256 s16 = _mm256_mul_ps(load8(h + 8 * half), F);
-      const __m256 m = _mm256_sub_ps(load8(h + kRows + 8 * half), s16);
+      const __m256 m = NSM == 2 ? _mm256_sub_ps(load8(h + kRows + 8 * half), s16) : _mm256_mul_ps(s16, _mm256_set1_ps(-1.5f));
       out[half] = _mm256_fmadd_ps(_mm256_add_ps(acc[2 * half], acc[2 * half + 1]), s16, out[half]);
       out[half] = _mm256_fmadd_ps(m, xs, out[half]);
     }
@@ -154,9 +159,12 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
         for (int n = 0; n < P; ++n) acc[l] += static_cast<float>((w >> (BITS * n)) & ((1u << BITS) - 1)) * xb[n];
       }
     }
-    const S* h = sm + g * 2 * kRows;
-    for (int64_t l = 0; l < kRows; ++l)
-      out[l] += acc[l] * static_cast<float>(h[l]) + static_cast<float>(h[kRows + l]) * xsum[g];
+    const S* h = sm + g * NSM * kRows;
+    for (int64_t l = 0; l < kRows; ++l) {
+      const float s = static_cast<float>(h[l]);
+      const float m = NSM == 2 ? static_cast<float>(h[kRows + l]) : -static_cast<float>(1 << (BITS - 1)) * s;
+      out[l] += acc[l] * s + m * xsum[g];
+    }
   }
   for (int64_t l = 0; l < kRows; ++l) y[l] = out[l];
 #endif
@@ -170,13 +178,13 @@ void check_layout(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsi
               "lowbit_matmul: codes must be contiguous uint8 (N/16, K/P, 64)");
   const int64_t K = codes.size(1) * (32 / bits);
   TORCH_CHECK(K % groupsize == 0, "lowbit_matmul: the inputs must be whole groups");
-  TORCH_CHECK(sm.dim() == 4 && sm.size(0) == codes.size(0) && sm.size(1) == K / groupsize && sm.size(2) == 2 &&
-              sm.size(3) == kRows && (sm.scalar_type() == at::kHalf || sm.scalar_type() == at::kFloat) &&
-              sm.is_contiguous(), "lowbit_matmul: scales and offsets must be contiguous float16 or float32 "
-              "(N/16, K/groupsize, 2, 16)");
+  TORCH_CHECK(sm.dim() == 4 && sm.size(0) == codes.size(0) && sm.size(1) == K / groupsize &&
+              (sm.size(2) == 1 || sm.size(2) == 2) && sm.size(3) == kRows &&
+              (sm.scalar_type() == at::kHalf || sm.scalar_type() == at::kFloat) && sm.is_contiguous(),
+              "lowbit_matmul: scales and offsets must be contiguous float16 or float32 (N/16, K/groupsize, 1 or 2, 16)");
 }
 
-template <int BITS, typename S>
+template <int BITS, int NSM, typename S>
 void matmul_rows(const at::Tensor& xf, const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize,
                  const std::vector<float>& xsum, at::Tensor& y) {
   const int64_t tiles = codes.size(0), K = xf.size(1), N = tiles * kRows, G = K / groupsize, M = xf.size(0);
@@ -184,21 +192,43 @@ void matmul_rows(const at::Tensor& xf, const at::Tensor& codes, const at::Tensor
   const S* sp = sm.data_ptr<S>();
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto product = groupsize == 16   ? tile_product<BITS, 16, S>
-                 : groupsize == 32 ? tile_product<BITS, 32, S>
-                 : groupsize == 64 ? tile_product<BITS, 64, S>
-                                   : tile_product<BITS, 128, S>;
+  auto product = groupsize == 16   ? tile_product<BITS, 16, NSM, S>
+                 : groupsize == 32 ? tile_product<BITS, 32, NSM, S>
+                 : groupsize == 64 ? tile_product<BITS, 64, NSM, S>
+                                   : tile_product<BITS, 128, NSM, S>;
   const int64_t tile_bytes = K * BITS * kRows / 8;
   // tiles spread over the threads; 4 tiles a task keeps the tasks many and the scheduling cheap
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     float out[kRows];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = 0; i < M; ++i) {
-        product(cp + t * tile_bytes, sp + t * G * 2 * kRows, xp + i * K, xsum.data() + i * G, out, G);
+        product(cp + t * tile_bytes, sp + t * G * NSM * kRows, xp + i * K, xsum.data() + i * G, out, G);
         for (int64_t l = 0; l < kRows; ++l) yp[i * N + t * kRows + l] = out[l];
       }
     }
   });
+}
+
+// f(bits, nsm, a scale value) with bits and nsm as compile-time constants and the scales' C++ type
+template <typename F>
+void dispatch_layout(const at::Tensor& codes, const at::Tensor& sm, int64_t bits, F&& f) {
+  const bool half = sm.scalar_type() == at::kHalf, sym = sm.size(2) == 1;
+  auto with_scale = [&](auto bits_c, auto nsm_c) {
+    if (half)
+      f(bits_c, nsm_c, at::Half());
+    else
+      f(bits_c, nsm_c, 0.0f);
+  };
+  auto with_nsm = [&](auto bits_c) {
+    if (sym)
+      with_scale(bits_c, std::integral_constant<int, 1>());
+    else
+      with_scale(bits_c, std::integral_constant<int, 2>());
+  };
+  if (bits == 4)
+    with_nsm(std::integral_constant<int, 4>());
+  else
+    with_nsm(std::integral_constant<int, 8>());
 }
 
 at::Tensor lowbit_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize,
@@ -214,17 +244,15 @@ at::Tensor lowbit_matmul(const at::Tensor& x, const at::Tensor& codes, const at:
   const float* xp = xf.data_ptr<float>();
   for (int64_t i = 0; i < M * G; ++i)
     for (int64_t k = 0; k < groupsize; ++k) xsum[i] += xp[i * groupsize + k];
-  const bool half = sm.scalar_type() == at::kHalf;
-  if (bits == 4)
-    half ? matmul_rows<4, at::Half>(xf, codes, sm, groupsize, xsum, y) : matmul_rows<4, float>(xf, codes, sm, groupsize, xsum, y);
-  else
-    half ? matmul_rows<8, at::Half>(xf, codes, sm, groupsize, xsum, y) : matmul_rows<8, float>(xf, codes, sm, groupsize, xsum, y);
+  dispatch_layout(codes, sm, bits, [&](auto bits_c, auto nsm_c, auto scale) {
+    matmul_rows<decltype(bits_c)::value, decltype(nsm_c)::value, decltype(scale)>(xf, codes, sm, groupsize, xsum, y);
+  });
   return y;
 }
 
 // the weight transposed, (K, N): a tile's 16 rows are 16 adjacent floats of each input's row, so
 // the loops below are plain vector loads and stores (the caller multiplies x @ w)
-template <typename S>
+template <int NSM, typename S>
 void dequantize_tiles(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize, int bits, at::Tensor& w) {
   const int P = 32 / bits;
   const uint32_t mask = (1u << bits) - 1;
@@ -237,10 +265,10 @@ void dequantize_tiles(const at::Tensor& codes, const at::Tensor& sm, int64_t gro
     uint32_t words[kRows];
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t g = 0; g < G; ++g) {
-        const S* h = sp + (t * G + g) * 2 * kRows;
+        const S* h = sp + (t * G + g) * NSM * kRows;
         for (int64_t l = 0; l < kRows; ++l) {
           s[l] = static_cast<float>(h[l]);
-          m[l] = static_cast<float>(h[kRows + l]);
+          m[l] = NSM == 2 ? static_cast<float>(h[kRows + l]) : -static_cast<float>(1 << (bits - 1)) * s[l];
         }
         for (int64_t b = g * groupsize / P; b < (g + 1) * groupsize / P; ++b) {
           std::memcpy(words, cp + (t * (K / P) + b) * kRows * 4, sizeof(words));
@@ -256,10 +284,9 @@ void dequantize_tiles(const at::Tensor& codes, const at::Tensor& sm, int64_t gro
 at::Tensor lowbit_dequantize(const at::Tensor& codes, const at::Tensor& sm, int64_t groupsize, int64_t bits) {
   check_layout(codes, sm, groupsize, bits);
   at::Tensor w = at::empty({codes.size(1) * (32 / bits), codes.size(0) * kRows}, codes.options().dtype(at::kFloat));
-  if (sm.scalar_type() == at::kHalf)
-    dequantize_tiles<at::Half>(codes, sm, groupsize, bits, w);
-  else
-    dequantize_tiles<float>(codes, sm, groupsize, bits, w);
+  dispatch_layout(codes, sm, bits, [&](auto, auto nsm_c, auto scale) {
+    dequantize_tiles<decltype(nsm_c)::value, decltype(scale)>(codes, sm, groupsize, bits, w);
+  });
   return w;
 }
 

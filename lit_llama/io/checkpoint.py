@@ -164,9 +164,10 @@ def lowbit_tiles(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits
     (out, groups), w = q s + m: codes (T, in/P, 64) uint8, T = out/16 tiles (the rows padded with
     zeros to a multiple of 16), P = 32 / bits codes a word, for each tile and block of P inputs the
     16 rows' little-endian 32-bit words side by side, input Pb + n in bits `bits` n..; and sm
-    (T, groups, 2, 16), each tile's scales then its offsets for each group, in float16 where that
-    holds them exactly (our quantizers', GGUF's Q4_0/Q4_1/Q8_0/Q5_x), else in float32 (K-quants'
-    products of two scales, GPTQ's offsets s * zero)."""
+    (T, groups, 2, 16), each tile's scales then its offsets for each group, or (T, groups, 1, 16),
+    the scales alone, where every offset is m = -2^(bits-1) s (symmetric: GGUF's Q4_0, Q8_0, Q6_K,
+    our int8), in float16 where that holds them exactly (our quantizers', GGUF's Q4_0/Q4_1/Q8_0/Q5_x),
+    else in float32 (K-quants' products of two scales, GPTQ's offsets s * zero)."""
     rows, cols = q.shape
     pad = -rows % TILE_ROWS
     if pad:  # zero rows: zero codes, scales and offsets are a zero weight
@@ -175,8 +176,9 @@ def lowbit_tiles(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits
     parts = q.to(torch.uint8).view(tiles, TILE_ROWS, cols // (4 * per_byte), 4, per_byte)
     words = parts[..., 0] if per_byte == 1 else parts[..., 0] | (parts[..., 1] << 4)  # (tiles, 16, blocks, 4 bytes)
     codes = words.permute(0, 2, 1, 3).reshape(tiles, -1, 4 * TILE_ROWS).contiguous()
-    sm = torch.stack((scales.float(), mins.float()), dim=1).view(tiles, TILE_ROWS, 2, -1)
-    sm = sm.permute(0, 3, 2, 1).contiguous()
+    symmetric = torch.equal(mins.float(), -(2 ** (bits - 1)) * scales.float())
+    sm = torch.stack((scales.float(),) if symmetric else (scales.float(), mins.float()), dim=1)
+    sm = sm.view(tiles, TILE_ROWS, sm.size(1), -1).permute(0, 3, 2, 1).contiguous()
     return codes, sm.half() if torch.equal(sm.half().float(), sm) else sm
 
 
@@ -185,8 +187,17 @@ def untile(codes: torch.Tensor, sm: torch.Tensor, bits: int, rows: int) -> Tuple
     tiles = codes.size(0)
     words = codes.view(tiles, -1, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(tiles * TILE_ROWS, -1)  # bytes of each row
     q = words if bits == 8 else torch.stack((words & 15, words >> 4), dim=-1).flatten(-2)
-    s, m = sm.float().permute(0, 3, 2, 1).reshape(tiles * TILE_ROWS, 2, -1).unbind(1)
+    s, m = scales_and_mins(sm.float().permute(0, 3, 2, 1).reshape(tiles * TILE_ROWS, sm.size(2), -1), 1, bits)
     return q[:rows], s[:rows], m[:rows]
+
+
+def scales_and_mins(sm: torch.Tensor, dim: int, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The scales and offsets of a layout's `sm` whose dimension `dim` holds them (size 2), or the
+    scales alone (size 1: symmetric, m = -2^(bits-1) s)."""
+    if sm.size(dim) == 1:
+        s = sm.squeeze(dim)
+        return s, -(2 ** (bits - 1)) * s
+    return sm.unbind(dim)
 
 
 def tile_tensors(w: QuantizedRows) -> Dict[str, torch.Tensor]:
@@ -219,7 +230,8 @@ def read_tiles(state_dict: Dict[str, torch.Tensor], layer: str, info: dict,
     tiles = -(-rows // TILE_ROWS)
     if (bits not in (4, 8) or groupsize <= 0 or cols % groupsize or codes.dtype != torch.uint8
             or tuple(codes.shape) != (tiles, cols * bits // 32, 4 * TILE_ROWS)
-            or tuple(sm.shape) != (tiles, cols // groupsize, 2, TILE_ROWS) or sm.dtype not in (torch.float16, torch.float32)):
+            or sm.dim() != 4 or sm.size(2) not in (1, 2) or sm.dtype not in (torch.float16, torch.float32)
+            or tuple(sm.shape) != (tiles, cols // groupsize, sm.size(2), TILE_ROWS)):
         raise CheckpointError(f"{where}: the integer layer {layer} does not match its entry {info}")
     return codes, sm, bits, groupsize, (rows, cols)
 

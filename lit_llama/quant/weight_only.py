@@ -48,7 +48,7 @@ from tqdm import tqdm
 from lit_llama import cpu_kernels
 from lit_llama.io.checkpoint import (TILE_ROWS, WEIGHT_ONLY_METHOD, CheckpointError, QuantizedRows, ShardedWriter,
                                      check_state_dict, copy_tokenizer_files, load_state_dict, lowbit_tiles,
-                                     read_checkpoint_config, read_tiles, release_freed_heap, release_mapped_pages,
+                                     read_checkpoint_config, read_tiles, release_freed_heap, scales_and_mins, release_mapped_pages,
                                      tile_entry, tile_tensors, untile, validate_checkpoint_dir, write_config)
 from lit_llama.model import Config, LLaMA, linear
 from lit_llama.quant.packed import PackedLinear, add_bias, pack_int, unpack_int, unpermute_columns
@@ -294,7 +294,7 @@ class LowBitLinear(nn.Linear):
             t, lane = idx // TILE_ROWS, idx % TILE_ROWS
             words = self.qweight.view(self.qweight.size(0), -1, TILE_ROWS, 4)[t, :, lane]  # (..., blocks, 4 bytes)
             q = words if self.bits == 8 else torch.stack((words & 15, words >> 4), dim=-1)
-            s, m = self.scales_and_mins[t, :, :, lane].to(dtype).unbind(-1)  # (..., groups) each
+            s, m = scales_and_mins(self.scales_and_mins[t, :, :, lane].to(dtype), -1, self.bits)  # (..., groups) each
         else:
             q = unpack_int(self.qweight[idx], self.bits, self.in_features)
             s, z = self.scales_and_zeros[:, idx].to(dtype).movedim(0, -2).unbind(-1)
