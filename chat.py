@@ -47,7 +47,8 @@ def main(
     if template not in (None, "checkpoint"):
         get_template(template)  # an unknown name fails before any loading
     fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, loading.precision, template=template,
-                                                            quantize=loading.quantize, compile=compile, **vars(weights))
+                                                            quantize=loading.quantize, compile=compile,
+                                                            kv_cache_dtype=loading.kv_cache_dtype, **vars(weights))
     drafter = speculative.drafter(tokenizer, fabric, loading.precision)
     fabric.seed_everything(seed, verbose=False)
     session = ChatSession(model, tokenizer, fmt, fabric.device, system=system, max_new_tokens=sampling.max_new_tokens,

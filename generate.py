@@ -43,7 +43,8 @@ def main(
     sampling.check()
     speculative.check()
     precision = loading.precision
-    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, quantize=loading.quantize, compile=compile)
+    fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, quantize=loading.quantize, compile=compile,
+                                                  kv_cache_dtype=loading.kv_cache_dtype)
     drafter = speculative.drafter(tokenizer, fabric, precision)
     if chat:  # the one rendering of chat.py and the server: a template writing its own BOS gets no second
         fmt = ChatFormat(choose_template(tokenizer, checkpoint_dir, template)[0], tokenizer)

@@ -87,7 +87,8 @@ def main(
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
     fabric, model, tokenizer, fmt, source = load_chat_model(checkpoint_dir, loading.precision, template=template,
-                                                            quantize=loading.quantize, compile=compile, **vars(weights))
+                                                            quantize=loading.quantize, compile=compile,
+                                                            kv_cache_dtype=loading.kv_cache_dtype, **vars(weights))
     drafter = speculative.drafter(tokenizer, fabric, loading.precision)
     name = model_name or Path(checkpoint_dir).name
     max_seq_length = min(max_seq_length, model.config.block_size)

@@ -47,7 +47,7 @@ class LLM:
              lora_path: Optional[Union[str, Path]] = None, adapter_path: Optional[Union[str, Path]] = None,
              adapter_v2_path: Optional[Union[str, Path]] = None, finetuned_path: Optional[Union[str, Path]] = None,
              quantize: Optional[str] = None, precision: Optional[str] = None, template: Optional[str] = None,
-             compile: bool = False) -> "LLM":
+             compile: bool = False, kv_cache_dtype: Optional[str] = None) -> "LLM":
         """Load a checkpoint directory (made by scripts/convert_*.py or `make model`).
 
         Args:
@@ -61,13 +61,15 @@ class LLM:
             template: the chat template by name (see lit_llama/templates.py); default: the one
                 recorded with the weights, else the checkpoint's own.
             compile: compile the decode step with torch.compile (slow first call, faster after).
+            kv_cache_dtype: "fp32", "bf16", "fp16" or "int8" (a scale per head and position); default
+                the model's dtype.
         """
         paths = {k: None if v is None else Path(v) for k, v in dict(
             lora_path=lora_path, adapter_path=adapter_path, adapter_v2_path=adapter_v2_path,
             finetuned_path=finetuned_path).items()}
         given = FinetunedArgs(**paths).given()
         fabric, model, tokenizer = load_for_inference(Path(checkpoint_dir), precision, quantize=quantize,
-                                                      compile=compile, **paths)
+                                                      compile=compile, kv_cache_dtype=kv_cache_dtype, **paths)
         return cls(fabric, model, tokenizer, Path(checkpoint_dir), finetuned_path=given and given[1],
                    template=template, compile=compile)
 

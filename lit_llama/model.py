@@ -227,17 +227,23 @@ class KVCache(nn.Module):
 
     With one row of positions per sequence (input_pos (B, T)), the batch is the cache's rows
     first_row .. first_row + B - 1 and each row is written at its own positions: the batched engine
-    (lit_llama/infer/engine.py) keeps many sequences of different lengths in one cache this way."""
+    (lit_llama/infer/engine.py) keeps many sequences of different lengths in one cache this way.
+
+    dtype int8 keeps each head's key and value at each position as 8-bit codes with one float32
+    scale, max|x| / 127 (as llama.cpp's -ctk q8_0, per head and position): a row of head_size + 4
+    int8, the scale's bytes last, so that slicing positions or rows slices both (dequantize_kv)."""
 
     def __init__(self, batch_size: int, n_groups: int, max_seq_length: int, head_size: int,
                  device=None, dtype=None):
         super().__init__()
-        shape = (batch_size, n_groups, max_seq_length, head_size)
+        shape = (batch_size, n_groups, max_seq_length, head_size + (4 if dtype == torch.int8 else 0))
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.first_row = 0
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.k.dtype == torch.int8:
+            k, v = quantize_kv(k), quantize_kv(v)
         if input_pos.dim() == 1:  # every row at the same positions
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
@@ -248,6 +254,18 @@ class KVCache(nn.Module):
         k_rows[b, :, input_pos] = k.transpose(1, 2)
         v_rows[b, :, input_pos] = v.transpose(1, 2)
         return k_rows, v_rows
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """Rows (..., D) as int8 rows (..., D + 4): codes round(x / s), s = max|x| / 127, then s's bytes."""
+    s = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=1e-30)
+    q = torch.round(x.float() / s).to(torch.int8)
+    return torch.cat((q, s.view(torch.int8)), dim=-1)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of quantize_kv, in `dtype`: codes times their row's scale."""
+    return (x[..., :-4].to(dtype) * x[..., -4:].contiguous().view(torch.float32).to(dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -281,6 +299,8 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, mask):
         # with no mask the attention is plainly causal, which lets SDPA pick Flash kernels
+        if k.dtype == torch.int8:  # an int8 cache's rows, read back for this product
+            k, v = dequantize_kv(k, q.dtype), dequantize_kv(v, q.dtype)
         gqa = self.config.n_query_groups != self.config.n_head
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
@@ -333,6 +353,8 @@ class LLaMA(nn.Module):
         ))
         # tied embeddings reuse wte in forward: one tensor, one key in the state dict
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # the KV cache's dtype when set_kv_cache is given none (None: the weights'; torch.int8: see KVCache)
+        self.kv_cache_dtype: Optional[torch.dtype] = None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -390,7 +412,7 @@ class LLaMA(nn.Module):
         max_seq_length = max_seq_length or self.config.block_size
         if device is None or dtype is None:
             w = self.transformer.ln_f.weight  # not wte's: a packed embedding would dequantize for it
-            device, dtype = device or w.device, dtype or w.dtype
+            device, dtype = device or w.device, dtype or self.kv_cache_dtype or w.dtype
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_seq_length,
                                           self.config.head_size, device, dtype)

@@ -100,6 +100,17 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def check_disk(output_dir: Path, needed: int) -> None:
+    """UserError, before anything is written, where the disk that will hold `output_dir` has less
+    free space than `needed` bytes."""
+    parent = Path(output_dir).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise UserError(f"{output_dir} needs {needed / 1e9:.2f} GB of disk, {parent} has {free / 1e9:.2f} GB free")
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -150,6 +150,16 @@ def test_too_little_disk_is_refused_before_writing(default_checkpoint, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_conversion_too_big_for_the_disk_is_refused_before_writing(default_gguf, tmp_path, monkeypatch, keep):
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 50_000_000, 50_000_000))
+    # the kept file is ~98 MB, its float32 conversion ~540 MB: both need more than 50 MB
+    with pytest.raises(UserError, match=r"needs (0\.[5-6]\d|0\.(09|1\d)) GB of disk, .* has 0\.05 GB free"):
+        convert_gguf_checkpoint(default_gguf, tmp_path / "out", keep_quantized=keep)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_run_leaves_nothing(default_checkpoint, tmp_path, monkeypatch):
     calls = []
 

@@ -11,7 +11,9 @@
 //
 // q: (B, H, 1, D); k, v: (B, G, S, D), rows contiguous; mask: bool, broadcastable to (B, 1, 1, S),
 // True = attend. H is a multiple of G; query head h reads key/value group h / (H / G).
-// The cache is float32 or bfloat16. Returns (B, H, 1, D) in q's dtype, float32 arithmetic throughout.
+// The cache is float32, bfloat16, or int8 rows of D codes followed by their float32 scale's 4 bytes
+// (k, v: (B, G, S, D + 4); value d of a row is code d times the scale: llama.cpp's -ctk q8_0 idea,
+// one scale per head and position). Returns (B, H, 1, D) in q's dtype, float32 arithmetic throughout.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,6 +32,17 @@ namespace {
 // cache entries as float, in a form the compiler vectorizes (at::BFloat16's own conversion is
 // scalar code). A float16 cache is left to SDPA: GCC 12 does not vectorize its conversion here.
 inline float to_float(float x) { return x; }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
+// the factor of a cache row's values: its scale for an int8 row (the 4 bytes after its D codes), 1 otherwise
+template <typename T>
+inline float row_scale(const T*, int64_t) { return 1.0f; }
+template <>
+inline float row_scale(const int8_t* row, int64_t D) {
+  float s;
+  std::memcpy(&s, row + D, 4);
+  return s;
+}
 inline float to_float(at::BFloat16 x) {
   uint16_t b;
   std::memcpy(&b, &x, 2);
@@ -66,6 +79,9 @@ inline __m512 load_row16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load_row16(const at::BFloat16* p) {
   const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+inline __m512 load_row16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #endif
 
@@ -119,7 +135,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < D; ++d) dot += qr[d] * to_float(kj[d]);
           }
-          dot *= scale;
+          dot *= scale * row_scale(kj, D);
           s[r * kChunk + (j - j0)] = dot;
           mx[r] = std::max(mx[r], dot);
         }
@@ -142,8 +158,9 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       for (int64_t j = j0; j < j1; ++j) {
         if (!mb[j * ms3]) continue;
         const T* vj = vg + j * vs2;
+        const float vscale = row_scale(vj, D);
         for (int64_t r = 0; r < R; ++r) {
-          const float p = s[r * kChunk + (j - j0)];
+          const float p = s[r * kChunk + (j - j0)] * vscale;
           float* ar = acc + r * D;
 #if defined(__AVX512F__)
           if constexpr (kD > 0 && kD % 16 == 0) {
@@ -198,8 +215,9 @@ void dispatch_head_size(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3),
-              "decode_attention: k and v must be (B, G, S, D) matching q");
+  const int64_t extra = k.scalar_type() == at::kChar ? 4 : 0;  // an int8 row's scale
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3) + extra,
+              "decode_attention: k and v must be (B, G, S, D) matching q (D + 4 for an int8 cache)");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode_attention: the query heads must be a multiple of the key groups");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: cache rows must be contiguous");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v must have one dtype");
@@ -212,7 +230,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   switch (k.scalar_type()) {
     case at::kFloat: dispatch_head_size<float>(qf, k, v, mb, out); break;
     case at::kBFloat16: dispatch_head_size<at::BFloat16>(qf, k, v, mb, out); break;
-    default: TORCH_CHECK(false, "decode_attention: the cache must be float32 or bfloat16");
+    case at::kChar: dispatch_head_size<int8_t>(qf, k, v, mb, out); break;
+    default: TORCH_CHECK(false, "decode_attention: the cache must be float32, bfloat16 or int8");
   }
   return out.to(q.scalar_type());
 }

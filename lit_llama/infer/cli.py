@@ -55,7 +55,7 @@ def answer_instruction(checkpoint_dir: Path, instruction: str, input: str = "", 
     the answer of the checkpoint with `weights` to stdout."""
     sampling.check()
     fabric, model, tokenizer = load_for_inference(checkpoint_dir, loading.precision, quantize=loading.quantize,
-                                                  compile=compile, **vars(weights))
+                                                  compile=compile, kv_cache_dtype=loading.kv_cache_dtype, **vars(weights))
     fabric.seed_everything(seed, verbose=False)
     step = compile_decode_step(fabric.device) if compile else decode_step
     return print_completion(model, tokenizer, instruction_prompt(instruction, input), fabric.device,

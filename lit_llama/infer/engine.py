@@ -140,7 +140,7 @@ class Engine:
         w = model.transformer.ln_f.weight
         self.device = torch.device(device) if device is not None else w.device
         # one position more than the capacity: the scratch position of a compiled batch's unused rows
-        model.set_kv_cache(self.n_rows, self.capacity + 1, self.device, w.dtype)
+        model.set_kv_cache(self.n_rows, self.capacity + 1, self.device)  # the model's cache dtype
         self.caches = [block.attn.kv_cache for block in model.transformer.h]
         # speculative decoding (lit_llama/infer/speculative.py): up to draft_tokens guesses per row and step
         self.drafter, self.draft_tokens = drafter, draft_tokens

@@ -139,7 +139,7 @@ class DecodeLinear(torch.nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 class DecodeAttention(CausalSelfAttention):

@@ -62,10 +62,25 @@ class LoadArgs:
             integers quantized while loading, the fast modes; llm.int8 (bitsandbytes int8 layers,
             quantized while loading); or gptq.int4 / gptq.int3 for a checkpoint written by
             quantize/gptq.py.
+        kv_cache_dtype: the generation's KV cache: fp32, bf16, fp16, or int8 (8-bit codes with a
+            scale per head and position, as llama.cpp's -ctk q8_0: a quarter of float32's memory,
+            for long contexts); default the model's dtype.
     """
 
     precision: Optional[str] = None
     quantize: Optional[str] = None
+    kv_cache_dtype: Optional[str] = None
+
+
+KV_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+
+
+def parse_kv_cache_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if name not in KV_CACHE_DTYPES:
+        raise UserError(f"unknown --kv_cache_dtype {name!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name]
 
 
 def finetuned_wrap(lora_path: Optional[Path] = None, adapter_path: Optional[Path] = None,
@@ -110,7 +125,7 @@ def finetuned_source(checkpoint_dir: Path, weights: FinetunedArgs, quantize: Opt
 def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wrap: Optional[Callable] = None,
                        quantize: Optional[str] = None, compile: bool = False, *, lora_path: Optional[Path] = None,
                        adapter_path: Optional[Path] = None, adapter_v2_path: Optional[Path] = None,
-                       finetuned_path: Optional[Path] = None):
+                       finetuned_path: Optional[Path] = None, kv_cache_dtype: Optional[str] = None):
     """(fabric, model, tokenizer) for a checkpoint directory, the model on Fabric's device in
     eval mode. Weights are memory-mapped, then moved or cast by Fabric's precision plugin.
 
@@ -122,7 +137,9 @@ def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wr
     the float linear layers of the blocks (after the finetuned weights, so LoRA and adapters wrap
     float layers that are then quantized) one at a time onto the device; gptq.int4 and gptq.int3
     load a checkpoint written by quantize/gptq.py, whose packed layers LoRA and adapters wrap.
-    `compile`: the weights are laid out for `compile_decode_step` rather than for eager decoding."""
+    `compile`: the weights are laid out for `compile_decode_step` rather than for eager decoding.
+    `kv_cache_dtype`: LoadArgs' (the model's KV caches are made in it)."""
+    kv_dtype = parse_kv_cache_dtype(kv_cache_dtype)
     fabric = make_fabric(precision)
     weights = FinetunedArgs(lora_path, adapter_path, adapter_v2_path, finetuned_path)
     if weights.given() is not None:
@@ -151,6 +168,7 @@ def load_for_inference(checkpoint_dir: Path, precision: Optional[str] = None, wr
     if quantize in WEIGHT_ONLY_MODES:
         quantize_weight_only(model, quantize, fabric.device, _weight_dtype(precision), release_mapped=True)
     tokenizer = Tokenizer(checkpoint_dir)
+    model.kv_cache_dtype = kv_dtype
     model = fabric.setup_module(model.eval())
     if fabric.device.type == "cpu":
         decode_layout(model, compiled=compile)
@@ -193,7 +211,7 @@ def _weight_dtype(precision: Optional[str]) -> torch.dtype:
 def load_chat_model(checkpoint_dir: Path, precision: Optional[str] = None, lora_path: Optional[Path] = None,
                     adapter_path: Optional[Path] = None, template: Optional[str] = None, *,
                     adapter_v2_path: Optional[Path] = None, finetuned_path: Optional[Path] = None,
-                    quantize: Optional[str] = None, compile: bool = False):
+                    quantize: Optional[str] = None, compile: bool = False, kv_cache_dtype: Optional[str] = None):
     """(fabric, model, tokenizer, ChatFormat, where the template came from): load_for_inference and
     the chat template. The template is checked before the weights are read, so that a wrong name
     costs no loading time; finetuned weights choose the template recorded with them."""
@@ -204,6 +222,7 @@ def load_chat_model(checkpoint_dir: Path, precision: Optional[str] = None, lora_
         raise UserError(f"{finetuned} does not exist")
     tmpl, source = choose_template(Tokenizer(checkpoint_dir), checkpoint_dir, template, finetuned)
     fabric, model, tokenizer = load_for_inference(checkpoint_dir, precision, quantize=quantize, compile=compile,
+                                                  kv_cache_dtype=kv_cache_dtype,
                                                   lora_path=lora_path, adapter_path=adapter_path,
                                                   adapter_v2_path=adapter_v2_path, finetuned_path=finetuned_path)
     return fabric, model, tokenizer, ChatFormat(tmpl, tokenizer), source

@@ -72,7 +72,7 @@ class DraftModel:
         self.tokens: List[List[int]] = []
 
     def attach(self, n_rows: int, capacity: int, device) -> None:
-        self.model.set_kv_cache(n_rows, capacity, device, self.model.transformer.ln_f.weight.dtype)
+        self.model.set_kv_cache(n_rows, capacity, device)
         self.caches = [block.attn.kv_cache for block in self.model.transformer.h]
         self.tokens = [[] for _ in range(n_rows)]
         self.capacity, self.device = capacity, torch.device(device)

@@ -31,7 +31,7 @@ from lit_llama.io.convert import (ATTN_BIAS, MLP_BIAS, bias_name, lit_tensors, p
 from lit_llama.io.tiktoken_file import LLAMA3_PATTERN
 from lit_llama.model import Config, llama3_scaling, rope_frequencies
 from lit_llama.templates import check_template_name
-from lit_llama.utils import UserError
+from lit_llama.utils import UserError, check_disk
 
 GGUF_NAMES = {
     "wte": "token_embd.weight", "ln_f": "output_norm.weight", "lm_head": "output.weight",
@@ -293,6 +293,18 @@ def default_dtype(tensors: Dict[str, Any]) -> torch.dtype:
     return {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
 
 
+def output_bytes(tensors, dtype: torch.dtype, keep_quantized: bool) -> int:
+    """About the size of the converted checkpoint: kept tensors as their blocks (plus the 8-bit
+    codes of 5- and 6-bit types), the others in `dtype`."""
+    total = 0
+    for t in tensors:
+        if keep_quantized and t.tensor_type.name in KEPT_TYPES and len(t.shape) == 2:
+            total += int(t.n_elements) if KEPT_TYPES[t.tensor_type.name][1] == 8 else int(t.n_bytes)
+        else:
+            total += int(t.n_elements) * dtype.itemsize
+    return total
+
+
 def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[str] = None,
                             template: Optional[str] = None, keep_quantized: bool = False) -> None:
     """The file's chat template (tokenizer.chat_template) goes into tokenizer_config.json; `template`
@@ -324,8 +336,9 @@ def convert_gguf_checkpoint(gguf_path: Path, output_dir: Path, dtype: Optional[s
         release_mapped_pages(t.data)  # read once: the file's pages need not stay in this process's memory
         return out
 
-    tensors_out = lit_tensors(config, get, GGUF_NAMES, interleaved_rope=True,
-                              dtype=parse_dtype(dtype) or default_dtype(tensors))
+    out_dtype = parse_dtype(dtype) or default_dtype(tensors)
+    check_disk(output_dir, output_bytes(reader.tensors, out_dtype, keep_quantized))
+    tensors_out = lit_tensors(config, get, GGUF_NAMES, interleaved_rope=True, dtype=out_dtype)
     def finish(tmp: Path) -> None:
         write_gguf_tokenizer(meta, tmp)
         record_template(tmp, template)

@@ -36,7 +36,6 @@ would restate it.
 
 import functools
 import re
-import shutil
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -52,7 +51,7 @@ from lit_llama.io.checkpoint import (TILE_ROWS, WEIGHT_ONLY_METHOD, CheckpointEr
                                      tile_entry, tile_tensors, untile, validate_checkpoint_dir, write_config)
 from lit_llama.model import Config, LLaMA, linear
 from lit_llama.quant.packed import PackedLinear, add_bias, pack_int, unpack_int, unpermute_columns
-from lit_llama.utils import UserError, atomic_dir
+from lit_llama.utils import UserError, atomic_dir, check_disk
 
 MODES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 INT4_GROUPS = (32, 64, 128)
@@ -533,14 +532,3 @@ def quantized_bytes(state_dict, targets, bits: int, groupsize: Optional[int]) ->
         rows = -(-t.size(0) // TILE_ROWS) * TILE_ROWS
         total += rows * t.size(1) * b // 8 + rows * (t.size(1) // g) * 4
     return total
-
-
-def check_disk(output_dir: Path, needed: int) -> None:
-    """UserError, before anything is written, where the disk that will hold `output_dir` has less
-    free space than `needed` bytes."""
-    parent = Path(output_dir).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if needed > free:
-        raise UserError(f"{output_dir} needs {needed / 1e9:.2f} GB of disk, {parent} has {free / 1e9:.2f} GB free")
