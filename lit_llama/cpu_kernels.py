@@ -56,7 +56,7 @@ def _load() -> bool:
 
     @torch.library.register_fake("lit_llama::lowbit_dequantize")
     def _(codes, sm, groupsize, bits):
-        return codes.new_empty((codes.size(1) * 32 // bits, codes.size(0) * 16), dtype=torch.float32)
+        return codes.new_empty((codes.size(0) * 16, codes.size(1) * 32 // bits), dtype=torch.float32)
 
     return True
 

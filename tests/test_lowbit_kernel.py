@@ -50,7 +50,7 @@ def test_products_and_weight_are_the_formula(ops, bits, groupsize, exact_half, s
     assert sm.dtype == (torch.float16 if exact_half else torch.float32)
     assert codes.shape == (3, 384 * bits // 32, 64) and sm.shape == (3, 384 // groupsize, 1 if symmetric else 2, 16)
     # within float32 rounding of the terms q s (up to ~5): the kernel may fuse q s + m into one rounding
-    torch.testing.assert_close(ops.lowbit_dequantize(codes, sm, groupsize, bits), w.t(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ops.lowbit_dequantize(codes, sm, groupsize, bits), w, rtol=1e-6, atol=1e-6)
     for rows in (1, 2, 5):
         x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows))
         torch.testing.assert_close(ops.lowbit_matmul(x, codes, sm, groupsize, bits), x @ w.t(), rtol=1e-5, atol=1e-4)
@@ -69,7 +69,7 @@ def test_every_code_and_lane_lands_in_its_place(ops, bits):
         y = ops.lowbit_matmul(x, codes, sm, 32, bits)
         assert y[0, r] == v and y.count_nonzero() == 1, (r, c)
         w = ops.lowbit_dequantize(codes, sm, 32, bits)
-        assert w[c, r] == v and w.count_nonzero() == 1, (r, c)
+        assert w[r, c] == v and w.count_nonzero() == 1, (r, c)
 
 
 def test_activations_of_other_dtypes_are_multiplied_in_float32(ops):
