@@ -1,5 +1,6 @@
 """CPU kernels for decoding (lit_llama/csrc): attention of one query over the KV cache
-(decode_attention.cpp) and products with 4- and 8-bit weights (lowbit_matmul.cpp).
+(decode_attention.cpp), products with 4- and 8-bit weights (lowbit_matmul.cpp) and with
+half-precision weights (dense_matvec.cpp).
 
 Built on first use with torch's C++ extension loader (a C++ compiler and ninja, what torch.compile
 on CPU needs already), once per machine and torch version, and registered as operators
@@ -53,6 +54,10 @@ def _load() -> bool:
     @torch.library.register_fake("lit_llama::lowbit_matmul")
     def _(x, codes, sm, groupsize, bits):
         return x.new_empty((x.size(0), codes.size(0) * 16), dtype=torch.float32)
+
+    @torch.library.register_fake("lit_llama::dense_matvec")
+    def _(x, w):
+        return x.new_empty((x.size(0), w.size(0)), dtype=torch.float32)
 
     @torch.library.register_fake("lit_llama::lowbit_dequantize")
     def _(codes, sm, groupsize, bits):

@@ -139,6 +139,37 @@ class DecodeLinear(torch.nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+HALF_KERNEL_ROWS = 8  # rows of activations up to which half-precision products run dense_matvec
+
+
+def half_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a bfloat16/float16 weight: a few rows (decoding) by lit_llama/csrc/dense_matvec.cpp
+    on the row-major weight as it is (float32 accumulation), more (a prompt) by F.linear."""
+    if x.numel() // x.size(-1) <= HALF_KERNEL_ROWS and not torch.compiler.is_compiling():
+        y = torch.ops.lit_llama.dense_matvec(x.reshape(-1, x.size(-1)), w)
+        return y.view(*x.shape[:-1], w.size(0)).to(x.dtype)
+    return torch.nn.functional.linear(x, w)
+
+
+class HalfLinear(torch.nn.Linear):
+    """nn.Linear with a half-precision weight, multiplied by half_matmul (eager CPU decoding: the
+    checkpoint's row-major weight read in place). Same parameters, same results to float32 rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return half_matmul(x, self.weight)
+
+
+class HalfEmbedding(torch.nn.Embedding):
+    """A tied half-precision embedding whose product as the head (LLaMA.logits) is half_matmul's."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return half_matmul(x, self.weight)
+
+
 KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
@@ -163,7 +194,8 @@ def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Mo
     the head / tied embedding) are stored column-major, which MKL's x @ W.T streams 1.2-1.9x faster
     than row-major (and which the compiled reduction would stream 3x slower); same values and
     shapes, only the strides change, and the memory-mapped originals' pages are given back, so
-    peak memory stays one model."""
+    peak memory stays one model. Half-precision weights, where the CPU kernels are built, stay as
+    they are (memory-mapped) instead: HalfLinear / HalfEmbedding multiply them row-major."""
     kernel = cpu_kernels.available()
     for module in model.modules():
         if kernel and type(module) is CausalSelfAttention:
@@ -174,6 +206,9 @@ def decode_layout(model: torch.nn.Module, compiled: bool = False) -> torch.nn.Mo
             continue
         if type(module) not in (torch.nn.Linear, torch.nn.Embedding):  # before reading `weight`: a
             continue  # quantized layer's is a property that dequantizes the whole matrix
+        if kernel and module.weight.dtype in (torch.bfloat16, torch.float16) and module.weight.is_contiguous():
+            module.__class__ = HalfLinear if type(module) is torch.nn.Linear else HalfEmbedding
+            continue
         w = module.weight
         if w is not None and w.dim() == 2 and w.is_floating_point() and w.size(0) > w.size(1) and w.is_contiguous():
             old = w.data

@@ -9,6 +9,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from lit_llama import cpu_kernels
 from lit_llama.infer.generation import decode_layout
 from lit_llama.io.checkpoint import (LOWBIT_METHODS, available_memory, build_model, load_finetuned_weights, load_safetensors, load_weights_file,
                                      read_checkpoint_config, read_quantization, validate_checkpoint_dir, weight_files)
@@ -190,7 +191,8 @@ def check_memory(checkpoint_dir: Path, quantization: Optional[dict], dtype: torc
         needed, how = size * (1 if quantize == "int8" else 0.6) / stored, f"with --quantize {quantize}"
     elif quantization is None and dtype.itemsize != stored:
         needed, how = size * dtype.itemsize / stored, f"in {str(dtype).removeprefix('torch.')}"
-    elif quantization is None and not compile:
+    elif quantization is None and not compile and not (stored == 2 and cpu_kernels.available()):
+        # (half-precision weights are multiplied in place by the CPU kernel: decode_layout)
         needed, how = size * 0.75, "for eager decoding (its wide matrices are stored again column-major)"
     else:
         return
