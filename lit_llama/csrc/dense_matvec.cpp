@@ -59,6 +59,25 @@ void row_products(const float* x, const T* w, int64_t M, int64_t K, float* y, in
   }
 }
 
+// y[n0..n0+4) for one row x: four rows of w at once, so that four streams of loads are in flight
+// (one row at a time reached 90% of the bandwidth of this)
+template <typename T>
+void four_rows(const float* x, const T* w, int64_t K, float* y) {
+  int64_t k = 0;
+  float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(__AVX512F__)
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(xv, load16(w + r * K + k), acc[r]);
+  }
+  for (int r = 0; r < 4; ++r) total[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < 4; ++r) total[r] += x[k] * half_to_float(w[r * K + k]);
+  for (int r = 0; r < 4; ++r) y[r] = total[r];
+}
+
 at::Tensor dense_matvec(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_matvec: x (M, K) and w (N, K)");
   TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf),
@@ -69,14 +88,18 @@ at::Tensor dense_matvec(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // rows of w spread over the threads, 16 a task (each thread streams its own run of rows)
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      if (w.scalar_type() == at::kBFloat16)
-        row_products(xp, w.data_ptr<at::BFloat16>() + n * K, M, K, yp + n, N);
-      else
-        row_products(xp, w.data_ptr<at::Half>() + n * K, M, K, yp + n, N);
-    }
-  });
+  auto rows = [&](auto* wp) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      int64_t n = n0;
+      if (M == 1)
+        for (; n + 4 <= n1; n += 4) four_rows(xp, wp + n * K, K, yp + n);
+      for (; n < n1; ++n) row_products(xp, wp + n * K, M, K, yp + n, N);
+    });
+  };
+  if (w.scalar_type() == at::kBFloat16)
+    rows(w.data_ptr<at::BFloat16>());
+  else
+    rows(w.data_ptr<at::Half>());
   return y;
 }
 
