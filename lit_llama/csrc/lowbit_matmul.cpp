@@ -47,6 +47,7 @@
 namespace {
 
 constexpr int64_t kRows = 16;  // rows per tile: the lanes of an AVX-512 float register
+constexpr int64_t kPrefetch = 2048;  // bytes ahead of the codes being multiplied that are prefetched
 constexpr uint32_t kOne = 0x3F800000u;  // 1.0f
 
 // the codes of a BITS-bit layout: P a word, the mask of a float's top BITS mantissa bits (..22), and
@@ -95,7 +96,11 @@ void tile_product(const uint8_t* __restrict codes, const S* __restrict sm, const
     // four accumulators: four independent chains of multiply-adds keep the pipes busy
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int b = 0; b < GS / P; ++b) {
-      const __m512i w = _mm512_loadu_si512(codes + (g * GS / P + b) * kRows * 4);
+      const uint8_t* cb = codes + (g * GS / P + b) * kRows * 4;
+      // the codes a few kilobytes ahead (this tile's or the next, which follows it in memory): the
+      // multiply-adds of a 4-bit block keep too few loads in flight for the memory's bandwidth alone
+      _mm_prefetch(reinterpret_cast<const char*>(cb + kPrefetch), _MM_HINT_T0);
+      const __m512i w = _mm512_loadu_si512(cb);
       const float* xb = x + g * GS + b * P;
       // (shifted & mantissa) | one: ternary logic 0xEA; f = 1 + q / F
 #define STEP(n, dir, bits)                                                                          \
