@@ -212,3 +212,28 @@ def test_a_model_that_does_not_fit_memory_is_refused_before_loading(default_chec
     with pytest.raises(UserError, match="in bfloat16"):  # a float32 checkpoint's copy in bfloat16 is smaller, still too big here
         load_for_inference(default_checkpoint, "bf16-true")
     assert isinstance(model_of(load_for_inference(saved["int8"])).lm_head, LowBitLinear)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_untied_float_embedding_stays_mapped_in_its_dtype(default_checkpoint, tmp_path, dtype):
+    """An untied model quantized once: its float embedding is looked up in place in its stored dtype
+    (CastEmbedding, file-backed, rows cast to the activations' float32); from float32 the logits are
+    those of --quantize at load."""
+    from lit_llama.io.checkpoint import save_checkpoint
+    from lit_llama.model import LLaMA, Config
+    from lit_llama.quant.weight_only import CastEmbedding
+
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("tiny", vocab_size=49152, n_embd=128, intermediate_size=256))
+    sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "float", model, tokenizer_dir=default_checkpoint, state_dict=sd)
+    quantize_checkpoint(tmp_path / "float", "int8", tmp_path / "int8")
+    once = model_of(load_for_inference(tmp_path / "int8", "32-true"))
+    wte = once.transformer.wte
+    assert type(wte) is CastEmbedding and wte.weight.dtype == dtype and ckpt._file_backed(wte.weight.data_ptr())
+    idx = torch.tensor([[1, 530, 2800, 30, 4]])
+    assert wte(idx).dtype == torch.float32 and torch.equal(wte(idx), sd["transformer.wte.weight"][idx].float())
+    if dtype == torch.float32:
+        at_load = model_of(load_for_inference(tmp_path / "float", "32-true", quantize="int8"))
+        assert torch.equal(once(idx), at_load(idx))

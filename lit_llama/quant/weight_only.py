@@ -211,6 +211,17 @@ class Int8Embedding(nn.Module):
         return self.head[0].matmul(x)
 
 
+class CastEmbedding(nn.Embedding):
+    """An embedding table kept in its stored dtype (memory-mapped from the checkpoint) whose looked-up
+    rows are cast to `out_dtype`, the activations': the same rows as casting the table first, without
+    a copy of it (a 7B-shaped model's float32 copy of a bfloat16 table was 0.8 GB)."""
+
+    out_dtype: torch.dtype = torch.float32
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return super().forward(idx).to(self.out_dtype)
+
+
 class LowBitLinear(nn.Linear):
     """A linear layer with 4- or 8-bit weights (`bits`), a scale and an offset per group of
     `groupsize` inputs: w = (q - 2^(bits-1)) * scale + z, q unsigned, and a float `bias` added after
@@ -481,7 +492,12 @@ def build_lowbit_model(checkpoint_dir: Path, config: Config, quantization: dict,
     state_dict.update({k: v for k, v in model.state_dict().items() if not v.is_meta})
     check_state_dict(model, state_dict, checkpoint_dir)
     model.load_state_dict(state_dict, assign=True)
-    for module in model.modules():  # the float tensors left (norms, biases, a float embedding), in `dtype` on `device`
+    wte = model.transformer.wte
+    if type(wte) is nn.Embedding and torch.device(device or "cpu").type == "cpu":  # an untied float embedding
+        wte.__class__, wte.out_dtype = CastEmbedding, dtype  # looked up in place, the rows cast: no copy of the table
+    for module in model.modules():  # the float tensors left (norms, biases), in `dtype` on `device`
+        if type(module) is CastEmbedding:
+            continue
         for key, t in list(module._parameters.items()):
             if t is not None and t.is_floating_point():
                 module._parameters[key] = nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
