@@ -412,8 +412,8 @@ def test_weight_only_layers_add_the_float_bias(converted, case, mode, cpu_kind):
     got, want = model(idx), ref(idx)
     if cpu_kind:  # bfloat16 products round activations and scales to 8 bits: measured up to 1.05 here
         assert (got - want).abs().max().item() <= 0.2 * (1 + want.abs().max().item())
-    else:
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:  # float32 throughout, sums in another order (a prompt's product by blocks of the weight's rows)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * (1 + want.abs().max().item()))
     if mode == "int8":  # measured: 5% of the logits' norm, 88-92% of the top tokens kept
         f = hf(idx).logits
         assert (got - f).norm() / f.norm() < 0.1
