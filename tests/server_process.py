@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 from conftest import ROOT
+from lit_llama.io.checkpoint import DEFAULT_CHECKPOINT_DIR
 
 
 class ServerProcess:
@@ -18,6 +19,8 @@ class ServerProcess:
         # one thread: on a small shared machine, OpenMP threads that wait on each other make the
         # decode loop several times slower (the answers are the same)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if "--checkpoint_dir" not in args:  # the float checkpoint the tests' reference answers come from
+            args = ("--checkpoint_dir", ROOT / DEFAULT_CHECKPOINT_DIR, *args)
         self.proc = subprocess.Popen([sys.executable, "serve.py", "--port", "0", *map(str, args)], cwd=ROOT, env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines = []
